@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) with the pinned torch and the test dependencies. Idempotent:
+# a stamp keyed by the requirement files skips work that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.requirements-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+    touch "$stamp"
+fi
