@@ -1,0 +1,174 @@
+"""Load a causal Wan generator from the checkpoint layouts people share, strictly.
+
+Accepted files: ``.pt``/``.pth`` (read with ``torch.load(weights_only=True)`` only: the official
+``self_forcing_dmd.pt`` dict with ``generator_ema`` / ``generator`` / ``model`` entries, or a
+bare state dict) and ``.safetensors``. Accepted key layouts, all mapped to the original Wan2.1
+names that ``CausalWanModel`` uses:
+
+* ``official``: Self Forcing training checkpoints, every key prefixed ``model.``
+* ``wan``: original Wan2.1 ``diffusion_pytorch_model.safetensors`` (no prefix)
+* ``comfyui``: ComfyUI full checkpoints, prefix ``model.diffusion_model.``
+* ``diffusers``: ``WanTransformer3DModel`` names (``condition_embedder.*``, ``attn1``, ...)
+
+A file is loaded completely or not at all: missing, unexpected or mis-shaped tensors raise
+``CheckpointError`` naming the detected layout and the offending keys.
+"""
+import re
+from pathlib import Path
+
+import torch
+
+from .model import CausalWanModel, WanConfig
+
+OFFICIAL_ENTRIES = ("generator_ema", "generator", "model")  # preference order inside a .pt dict
+PREFIXES = {"comfyui": "model.diffusion_model.", "official": "model."}
+
+# diffusers name -> original Wan name (regex over the whole key)
+DIFFUSERS_RENAMES = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+]
+
+SUPPORTED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded as a causal Wan generator."""
+
+
+def read_tensors(path: str | Path) -> dict:
+    """Read a ``.safetensors`` or ``.pt``/``.pth`` file into a flat dict of tensors (CPU).
+
+    Pickled files are read with ``weights_only=True``; an official training dict yields its
+    ``generator_ema`` entry (else ``generator``, else ``model``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path.name} is not a readable .safetensors file: {error}") from None
+    if path.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
+        raise CheckpointError(f"unsupported checkpoint extension {path.suffix!r} ({path.name}); "
+                              "use .safetensors, .pt or .pth")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"{path.name} could not be read with torch.load(weights_only=True) "
+                              f"(only plain tensor dicts are accepted, never arbitrary pickles): {error}") from None
+    if isinstance(data, dict):
+        for entry in OFFICIAL_ENTRIES:
+            if isinstance(data.get(entry), dict):
+                return data[entry]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path.name} holds no state dict (expected tensors, or a dict with one of "
+                              f"{', '.join(OFFICIAL_ENTRIES)})")
+    return data
+
+
+def detect_layout(state_dict: dict) -> str:
+    """Name of the key layout of a Wan2.1 DiT state dict; CheckpointError for anything else."""
+    keys = set(state_dict)
+    for layout, prefix in PREFIXES.items():
+        if f"{prefix}head.modulation" in keys:
+            return layout
+    if "head.modulation" in keys:
+        return "wan"
+    if "scale_shift_table" in keys and any(k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    hints = {"decoder.conv1.weight": "a Wan VAE", "decoder.0.weight": "a TAEHV decoder",
+             "shared.weight": "a umT5 text encoder", "encoder.block.0.layer.0.SelfAttention.q.weight": "a umT5 text encoder"}
+    what = next((name for key, name in hints.items() if key in keys), "not a Wan2.1 diffusion model")
+    sample = ", ".join(sorted(keys)[:5])
+    raise CheckpointError(f"unrecognised checkpoint layout ({what}); expected the Self Forcing, Wan2.1, "
+                          f"ComfyUI or diffusers layout with a 'head.modulation' tensor. First keys: {sample}")
+
+
+def to_wan_names(state_dict: dict) -> tuple[dict, str]:
+    """Map any supported layout to original Wan2.1 names. Returns (state_dict, layout name)."""
+    layout = detect_layout(state_dict)
+    if layout in PREFIXES:
+        prefix = PREFIXES[layout]
+        # Full ComfyUI checkpoints also carry the VAE and text encoder: keep the DiT only.
+        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, layout
+    if layout == "diffusers":
+        renamed = {}
+        for key, value in state_dict.items():
+            for pattern, replacement in DIFFUSERS_RENAMES:
+                key, hits = re.subn(pattern, replacement, key)
+                if hits:
+                    break
+            renamed[key] = value
+        return renamed, layout
+    return dict(state_dict), layout
+
+
+def verify_state_dict(model: torch.nn.Module, state_dict: dict, layout: str):
+    """Raise CheckpointError unless ``state_dict`` matches the model's parameters name for name and shape."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
+                  for k in sorted(set(expected) & set(state_dict)) if tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or mismatched:
+        def listing(title, items):
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "") if items else ""
+        raise CheckpointError(f"checkpoint (detected layout: {layout}) does not match a causal Wan2.1 model"
+                              + listing("missing", missing) + listing("unexpected", unexpected)
+                              + listing("shape mismatch", mismatched)
+                              + "\nNothing was loaded. Is this an image-to-video or 14B model, or another model entirely?")
+
+
+def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device="cpu",
+                   num_heads: int | None = None, head_dim: int = 128, text_len: int = 512) -> CausalWanModel:
+    """Build a ``CausalWanModel`` from a checkpoint file or state dict in any supported layout.
+
+    dtype: "auto" (keep the file's floating dtype), "fp32", "bf16", "fp16" or a torch dtype.
+    The config is inferred from the weights (``WanConfig.from_state_dict``).
+    """
+    state_dict = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_tensors(path_or_state_dict)
+    state_dict, layout = to_wan_names(state_dict)
+    try:
+        cfg = WanConfig.from_state_dict(state_dict, head_dim=head_dim, num_heads=num_heads, text_len=text_len)
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint (detected layout: {layout}) lacks {error}, which every Wan2.1 "
+                              "diffusion model has; the file is incomplete or another model") from None
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    target = resolve_dtype(dtype, state_dict)
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    verify_state_dict(model, state_dict, layout)
+    model.load_state_dict({k: v.to(target) for k, v in state_dict.items()}, strict=True, assign=True)
+    model.layout = layout
+    return model.to(device).eval().requires_grad_(False)
+
+
+def resolve_dtype(dtype, state_dict: dict) -> torch.dtype:
+    """Weight dtype for loading: an explicit choice, or the checkpoint's own float dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        found = state_dict["patch_embedding.weight"].dtype
+        return found if found in SUPPORTED_DTYPES.values() else torch.bfloat16
+    if dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"unsupported weight dtype {dtype!r}; choose auto, {', '.join(SUPPORTED_DTYPES)}")
+    return SUPPORTED_DTYPES[dtype]

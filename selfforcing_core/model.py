@@ -1,0 +1,359 @@
+"""The causal Wan2.1 DiT of Self Forcing: one module, three attention modes from the same weights.
+
+* ``cached``: one block of latent frames at a time, reading and writing a ``KVCache`` (inference
+  and self-rollout).
+* ``block_causal``: a whole sequence at once; a token sees its own block and earlier blocks
+  (optionally only the last ``window_frames`` frames). Equal to the cached mode by construction.
+* ``bidirectional``: every token sees every token (the teacher and critic of DMD training).
+
+Tensors: latents [B, C, F, H, W] (channels before frames, as Wan), timesteps [B, F] (one per
+latent frame), prompt embeddings [B, L <= text_len, text_dim]. Parameter names equal the
+original Wan2.1 / ComfyUI names, so those state dicts load unchanged. All ``nn.Linear`` layers
+are plain attributes and can be swapped (FP8, LoRA) without touching this file.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+ROPE_MAX_FRAMES = 1024  # length of the RoPE tables: positions 0..1023 per axis
+
+
+@dataclass
+class WanConfig:
+    """Hyper-parameters of a Wan2.1 DiT; ``from_state_dict`` reads them off the weights."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    num_heads: int = 12  # 1.3B: 12 heads of 128; other head counts must be given explicitly
+    in_dim: int = 16  # latent channels
+    out_dim: int = 16
+    text_dim: int = 4096  # umT5-XXL width
+    text_len: int = 512  # prompts are zero-padded to this many rows; all rows are attended
+    freq_dim: int = 256  # width of the sinusoidal timestep features
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True  # affine LayerNorm (norm3) before cross-attention
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, head_dim: int | None = 128, num_heads: int | None = None,
+                        text_len: int = 512) -> "WanConfig":
+        """Infer the config from canonical (original Wan2.1) parameter names.
+
+        Head layout cannot be read off the weights: give ``num_heads`` or ``head_dim`` (default 128,
+        as in every released Wan2.1 model).
+        """
+        patch = state_dict["patch_embedding.weight"]
+        dim, in_dim, *patch_size = patch.shape
+        num_layers = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+        if num_heads is None:
+            if dim % head_dim:
+                raise ValueError(f"hidden width {dim} is not a multiple of head_dim {head_dim}; "
+                                 "give num_heads explicitly")
+            num_heads = dim // head_dim
+        if dim % num_heads:
+            raise ValueError(f"hidden width {dim} is not divisible by num_heads {num_heads}")
+        return cls(
+            dim=dim,
+            ffn_dim=state_dict["blocks.0.ffn.0.weight"].shape[0],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            in_dim=in_dim,
+            out_dim=state_dict["head.head.weight"].shape[0] // math.prod(patch_size),
+            text_dim=state_dict["text_embedding.0.weight"].shape[1],
+            text_len=text_len,
+            freq_dim=state_dict["time_embedding.0.weight"].shape[1],
+            patch_size=tuple(patch_size),
+            qk_norm="blocks.0.self_attn.norm_q.weight" in state_dict,
+            cross_attn_norm="blocks.0.norm3.weight" in state_dict,
+        )
+
+    @classmethod
+    def from_json(cls, values: dict) -> "WanConfig":
+        """Build from a JSON dict in the official naming (extra keys such as model_type are ignored)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {key: value for key, value in values.items() if key in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+
+def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Timestep features [cos | sin] in float64. t: [N] -> [N, width]."""
+    half = width // 2
+    frequencies = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.double(), frequencies)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_tables(head_dim: int) -> list[torch.Tensor]:
+    """Complex RoPE rotations for (time, height, width): each [ROPE_MAX_FRAMES, pairs_axis] complex128.
+
+    The head's head_dim/2 channel pairs split as time gets ``pairs - 2*(head_dim//6)``, height and
+    width ``head_dim//6`` each (128 -> 22/21/21); each axis has its own frequency base width.
+    """
+    axis_widths = [head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)]
+    tables = []
+    for width in axis_widths:
+        inverse = 1.0 / torch.pow(10000, torch.arange(0, width, 2, dtype=torch.float64, device="cpu") / width)
+        angles = torch.outer(torch.arange(ROPE_MAX_FRAMES, dtype=torch.float64, device="cpu"), inverse)
+        tables.append(torch.polar(torch.ones_like(angles), angles))
+    return tables
+
+
+def apply_rope(x: torch.Tensor, tables: list[torch.Tensor], grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
+    """Rotate adjacent channel pairs of q or k by 3D positions (absolute frame index for time).
+
+    x: [B, F*h*w, heads, head_dim] -> same shape and dtype; computed in float64.
+    """
+    frames, h, w = grid
+    if start_frame + frames > ROPE_MAX_FRAMES:
+        raise ValueError(f"latent frame {start_frame + frames - 1} is beyond the RoPE table "
+                         f"({ROPE_MAX_FRAMES} frames); the model cannot place frames that far")
+    time, height, width = (table.to(x.device) for table in tables)
+    rotation = torch.cat([
+        time[start_frame:start_frame + frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
+        height[:h].view(1, h, 1, -1).expand(frames, h, w, -1),
+        width[:w].view(1, 1, w, -1).expand(frames, h, w, -1),
+    ], dim=-1).reshape(frames * h * w, 1, -1)
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim). q: [B, Lq, n, d]; k, v: [B, Lk, n, d] -> [B, Lq, n*d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last axis, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, grid, start_frame, rope, layer, kv_cache: KVCache | None, mask):
+        heads = (*x.shape[:2], self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(self.q(x)).view(heads), rope, grid, start_frame)
+        k = apply_rope(self.norm_k(self.k(x)).view(heads), rope, grid, start_frame)
+        v = self.v(x).view(heads)
+        if kv_cache is not None:
+            k, v = kv_cache.store(layer, k, v)
+        return self.o(attention(q, k, v, mask))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def project_context(self, context):
+        """Text keys/values: context [B, text_len, dim] -> two [B, text_len, heads, head_dim]."""
+        heads = (*context.shape[:2], self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).view(heads), self.v(context).view(heads)
+
+    def forward(self, x, context, layer, kv_cache: KVCache | None):
+        if kv_cache is None or torch.is_grad_enabled():
+            k, v = self.project_context(context())
+        else:
+            k, v = kv_cache.cross(layer, lambda: self.project_context(context()))
+        q = self.norm_q(self.q(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
+        return self.o(attention(q, k, v))
+
+
+class Block(nn.Module):
+    """Transformer block with per-frame modulation: self-attn, cross-attn (no gate), FFN."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e0, context, grid, start_frame, rope, layer, kv_cache, mask):
+        frames = grid[0]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)
+
+        def modulate(h, shift, scale):  # h: [B, F*hw, dim]; shift/scale: [B, F, 1, dim]
+            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+
+        def gated(y, gate):
+            return (y.unflatten(1, (frames, -1)) * gate).flatten(1, 2).type_as(x)
+
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), grid, start_frame, rope, layer, kv_cache, mask)
+        x = x + gated(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), context, layer, kv_cache)
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x + gated(y, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, frames):
+        """x: [B, F*hw, dim]; e: [B, F, dim] time embedding -> [B, F, hw, out_dim * patch volume]."""
+        shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).chunk(2, dim=2)
+        return self.head((self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).type_as(x))
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 DiT with block-causal attention, a KV cache and per-frame timestep modulation."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = rope_tables(cfg.head_dim)  # plain attribute, not a buffer: not in state dicts
+
+    def frame_seqlen(self, latent_h: int, latent_w: int) -> int:
+        """Tokens per latent frame (1560 for a 60x104 latent of the 1.3B model)."""
+        _, ph, pw = self.cfg.patch_size
+        return (latent_h // ph) * (latent_w // pw)
+
+    def new_kv_cache(self, latent_h: int, latent_w: int, capacity_frames: int, sink_frames: int = 0,
+                     rolling: bool = False, batch_size: int = 1, dtype=None, device=None) -> KVCache:
+        """A cache sized for this model at a latent resolution (see ``KVCache``)."""
+        weight = self.patch_embedding.weight
+        return KVCache(self.cfg.num_layers, self.frame_seqlen(latent_h, latent_w), self.cfg.num_heads,
+                       self.cfg.head_dim, capacity_frames, sink_frames, rolling, batch_size,
+                       dtype or weight.dtype, device or weight.device)
+
+    def embed_text(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (or truncate) prompt embeddings to text_len rows and embed. [B, L, text_dim] -> [B, text_len, dim]."""
+        cfg = self.cfg
+        if prompt.ndim != 3 or prompt.shape[-1] != cfg.text_dim:
+            raise ValueError(f"prompt embeddings must be [batch, tokens, {cfg.text_dim}] (umT5 output), "
+                             f"got {tuple(prompt.shape)}")
+        prompt = prompt[:, :cfg.text_len]
+        prompt = F.pad(prompt, (0, 0, 0, cfg.text_len - prompt.shape[1]))
+        return self.text_embedding(prompt.to(self.text_embedding[0].weight.dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, *,
+                kv_cache: KVCache | None = None, start_frame: int = 0, mode: str = "cached",
+                frames_per_block: int = 3, window_frames: int | None = None) -> torch.Tensor:
+        """Predict the flow ``noise - x0``.
+
+        x: [B, C, F, H, W]; t: [B, F] or [B] (float timesteps, 0..1000); prompt: [B, L, text_dim].
+        mode: ``cached`` (needs ``kv_cache``; x holds the frames starting at ``start_frame``),
+        ``block_causal`` (x is the whole sequence from frame ``start_frame``; blocks of
+        ``frames_per_block``; optional ``window_frames``) or ``bidirectional``.
+        Returns [B, C_out, F, H, W].
+        """
+        cfg = self.cfg
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"expected latents [B, {cfg.in_dim}, F, H, W] (channels before frames), "
+                             f"got {tuple(x.shape)}")
+        batch, _, frames, height, width = x.shape
+        _, ph, pw = cfg.patch_size
+        if height % ph or width % pw:
+            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+        t = t.reshape(batch, -1).expand(batch, frames) if t.numel() in (batch, batch * frames) else t
+        if t.shape != (batch, frames):
+            raise ValueError(f"timesteps must be [B] or [B, F] = [{batch}, {frames}], got {tuple(t.shape)}")
+
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major
+
+        with torch.autocast(x.device.type, enabled=False):
+            features = sinusoidal_embedding(t.reshape(-1), cfg.freq_dim).to(tokens.dtype)
+            e = self.time_embedding(features)  # [B*F, dim]
+            e0 = self.time_projection(e).float().view(batch, frames, 6, cfg.dim)
+        e = e.view(batch, frames, cfg.dim)
+
+        cached_context = []
+
+        def context():  # embedded prompt, computed at most once per call and only when needed
+            if not cached_context:
+                cached_context.append(self.embed_text(prompt))
+            return cached_context[0]
+
+        mask = None
+        if mode == "cached":
+            if kv_cache is None:
+                raise ValueError("mode 'cached' needs a kv_cache (see CausalWanModel.new_kv_cache)")
+            kv_cache.begin_call(start_frame, frames)
+        elif mode == "block_causal":
+            mask = block_causal_mask(frames, grid[1] * grid[2], frames_per_block, window_frames, x.device)
+            kv_cache = None
+        elif mode == "bidirectional":
+            kv_cache = None
+        else:
+            raise ValueError(f"unknown attention mode {mode!r}: use cached, block_causal or bidirectional")
+
+        for layer, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, context, grid, start_frame, self.rope, layer, kv_cache, mask)
+
+        out = self.head(tokens, e, frames)  # [B, F, h*w, out_dim * pt*ph*pw]
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: torch.Tensor, grid) -> torch.Tensor:
+        """[B, F, h*w, pt*ph*pw*C] (channel fastest) -> [B, C, F*pt, h*ph, w*pw]."""
+        frames, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(out.shape[0], frames, h, w, pt, ph, pw, self.cfg.out_dim)
+        out = torch.einsum("bfhwpqrc->bcfphqwr", out)
+        return out.reshape(out.shape[0], self.cfg.out_dim, frames * pt, h * ph, w * pw)
+
+
+def block_causal_mask(frames: int, frame_seqlen: int, frames_per_block: int, window_frames: int | None,
+                      device) -> torch.Tensor:
+    """Boolean [L, L] mask (True = may attend): own block and earlier blocks, optionally only the
+    last ``window_frames`` frames ending at the end of the query's block."""
+    frame = torch.arange(frames, device=device)
+    block_end = (frame // frames_per_block + 1) * frames_per_block  # exclusive end frame of each frame's block
+    allowed = frame[None, :] < block_end[:, None]
+    if window_frames is not None:
+        allowed &= frame[None, :] >= block_end[:, None] - window_frames
+    return allowed.repeat_interleave(frame_seqlen, 0).repeat_interleave(frame_seqlen, 1)
