@@ -1,0 +1,76 @@
+"""The causal Wan model's three attention modes and its input checks."""
+import pytest
+import torch
+
+from selfforcing_core.model import apply_rope, block_causal_mask, rope_tables
+from tiny import tiny_model, tiny_prompt
+
+
+def test_block_causal_equals_bidirectional_on_a_single_block_and_differs_on_more():
+    model, prompt = tiny_model(), tiny_prompt()
+    x, t = torch.randn(1, 16, 3, 4, 4), torch.full((1, 3), 500.0)
+    torch.testing.assert_close(model(x, t, prompt, mode="block_causal"), model(x, t, prompt, mode="bidirectional"))
+    x, t = torch.randn(1, 16, 6, 4, 4), torch.full((1, 6), 500.0)
+    causal = model(x, t, prompt, mode="block_causal")
+    bidirectional = model(x, t, prompt, mode="bidirectional")
+    # The first block cannot see the second in causal mode, so only the first block may differ... and must.
+    assert not torch.allclose(causal[:, :, :3], bidirectional[:, :, :3], atol=1e-4)
+
+
+def test_block_causal_first_block_ignores_later_frames():
+    model, prompt = tiny_model(), tiny_prompt()
+    x, t = torch.randn(1, 16, 6, 4, 4), torch.full((1, 6), 700.0)
+    changed = x.clone()
+    changed[:, :, 3:] = torch.randn_like(changed[:, :, 3:])
+    torch.testing.assert_close(model(x, t, prompt, mode="block_causal")[:, :, :3],
+                               model(changed, t, prompt, mode="block_causal")[:, :, :3])
+
+
+def test_block_causal_mask_with_window():
+    mask = block_causal_mask(frames=6, frame_seqlen=1, frames_per_block=3, window_frames=4, device="cpu")
+    expected = torch.tensor([[1, 1, 1, 0, 0, 0]] * 3 + [[0, 0, 1, 1, 1, 1]] * 3, dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_rope_rotates_adjacent_pairs_by_absolute_frame_position():
+    tables = rope_tables(head_dim=32)  # 16 pairs: 6 temporal, 5 height, 5 width
+    assert [t.shape[1] for t in tables] == [6, 5, 5]
+    x = torch.zeros(1, 1, 1, 32)
+    x[..., 0] = 1.0  # pair 0 = (1, 0): the first temporal frequency, angle = position * 1
+    rotated = apply_rope(x, tables, grid=(1, 1, 1), start_frame=5)
+    torch.testing.assert_close(rotated[0, 0, 0, :2], torch.tensor([torch.cos(torch.tensor(5.0)),
+                                                                      torch.sin(torch.tensor(5.0))]))
+    assert torch.equal(rotated[..., 2:], x[..., 2:])
+
+
+def test_per_frame_timesteps_modulate_each_frame():
+    model, prompt = tiny_model(), tiny_prompt()
+    x = torch.randn(1, 16, 3, 4, 4)
+    same = model(x, torch.full((1, 3), 500.0), prompt, mode="bidirectional")
+    assert torch.equal(model(x, torch.tensor([500.0]), prompt, mode="bidirectional"), same)
+    different = model(x, torch.tensor([[500.0, 500.0, 100.0]]), prompt, mode="bidirectional")
+    assert not torch.allclose(different, same)
+
+
+def test_prompt_padding_and_truncation_to_text_len():
+    model = tiny_model()
+    prompt = tiny_prompt(tokens=11)
+    padded = torch.cat([prompt, torch.zeros(1, 5, 32)], dim=1)
+    torch.testing.assert_close(model.embed_text(prompt), model.embed_text(padded))
+    longer = torch.cat([padded, torch.randn(1, 4, 32)], dim=1)  # rows past text_len are dropped
+    torch.testing.assert_close(model.embed_text(longer), model.embed_text(padded))
+
+
+def test_bad_inputs_name_the_expected_shape():
+    model, prompt = tiny_model(), tiny_prompt()
+    with pytest.raises(ValueError, match=r"\[B, 16, F, H, W\]"):
+        model(torch.randn(1, 3, 16, 4, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 16, 3, 5, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
+    with pytest.raises(ValueError, match="umT5"):
+        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), torch.randn(1, 4, 7), mode="bidirectional")
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt)
+    with pytest.raises(ValueError, match="RoPE"):
+        cache = model.new_kv_cache(4, 4, capacity_frames=3)
+        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt, kv_cache=cache, start_frame=1023)

@@ -1,0 +1,138 @@
+"""Streaming rollout: cache vs recompute equality, official fixtures, prompt switching, noise sources."""
+import pytest
+import torch
+
+from selfforcing_core.parity import run_parity
+from selfforcing_core.rollout import NoiseSource, PromptSwitch, sample_video, stream_blocks, write_clean_context
+from tiny import tiny_model, tiny_prompt
+
+LATENT = (16, 8, 6)  # non-square latent: 4 x 3 = 12 tokens per frame
+
+
+def record_cached_calls(model):
+    """Record (x, t, start_frame, flow) of every model call made in cached mode."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((args[0].clone(), args[1].clone(), kwargs["start_frame"], output.clone()))
+
+    return calls, model.register_forward_hook(hook, with_kwargs=True)
+
+
+def seeded(seed):
+    return NoiseSource(generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("window", [None, 6, 7])
+def test_cached_rollout_equals_block_causal_recompute(window):
+    """Every denoising call against the cache equals a full-sequence block-causal forward over
+    [clean earlier frames at t = 0, the current block at its t] (windowed: the mask's window)."""
+    model, prompt = tiny_model(), tiny_prompt()
+    calls, handle = record_cached_calls(model)
+    latents = sample_video(model, prompt, 4, LATENT, noise=seeded(3), kv_window_frames=window)
+    handle.remove()
+    assert len(calls) == 4 * 5  # 4 denoising calls + 1 clean-context pass per block
+    for x, t, start_frame, flow in calls:
+        history = latents[:, :start_frame].transpose(1, 2)
+        sequence = torch.cat([history, x], dim=2)
+        t_full = torch.cat([torch.zeros(1, start_frame), t], dim=1)
+        full = model(sequence, t_full, prompt, mode="block_causal", window_frames=window)
+        torch.testing.assert_close(full[:, :, start_frame:], flow, atol=2e-5, rtol=1e-5)
+
+
+def test_rollout_reproduces_official_fixtures(fixtures_dir):
+    comparisons = run_parity(fixtures_dir / "selfforcing")
+    assert comparisons and all(c.passed for c in comparisons), [c.line() for c in comparisons]
+
+
+def test_blocks_stream_out_before_later_blocks_are_computed():
+    model, prompt = tiny_model(), tiny_prompt()
+    calls, handle = record_cached_calls(model)
+    stream = stream_blocks(model, prompt, 3, LATENT, noise=seeded(0))
+    first = next(stream)
+    assert first.shape == (1, 3, *LATENT) and len(calls) == 5
+    handle.remove()
+
+
+def test_seeded_stream_is_reproducible_and_callback_sees_every_block():
+    model, prompt = tiny_model(), tiny_prompt()
+    seen = []
+    a = sample_video(model, prompt, 3, LATENT, noise=seeded(7), callback=lambda info: seen.append(info["block"]))
+    b = sample_video(model, prompt, 3, LATENT, noise=seeded(7))
+    assert torch.equal(a, b) and seen == [0, 1, 2]
+    assert not torch.equal(a, sample_video(model, prompt, 3, LATENT, noise=seeded(8)))
+
+
+def test_endless_stream_runs_past_any_global_capacity_with_a_window():
+    model, prompt = tiny_model(), tiny_prompt()
+    stream = stream_blocks(model, prompt, None, LATENT, noise=seeded(0), kv_window_frames=6, sink_frames=3)
+    blocks = [next(stream) for _ in range(8)]
+    assert len(blocks) == 8 and all(torch.isfinite(b).all() for b in blocks)
+    with pytest.raises(ValueError, match="kv_window_frames"):
+        next(stream_blocks(model, prompt, None, LATENT, noise=seeded(0)))
+
+
+def test_callback_exception_stops_the_stream():
+    model, prompt = tiny_model(), tiny_prompt()
+
+    def interrupt(info):
+        if info["block"] == 1:
+            raise KeyboardInterrupt
+
+    produced = []
+    with pytest.raises(KeyboardInterrupt):
+        for block in stream_blocks(model, prompt, 5, LATENT, noise=seeded(0), callback=interrupt):
+            produced.append(block)
+    assert len(produced) == 1
+
+
+def test_switch_to_the_same_prompt_changes_nothing():
+    """Re-caching the whole global cache under an unchanged prompt must reproduce it exactly."""
+    model, prompt = tiny_model(), tiny_prompt()
+    plain = sample_video(model, prompt, 4, LATENT, noise=seeded(5))
+    switched = sample_video(model, prompt, 4, LATENT, noise=seeded(5), prompt_switches=[PromptSwitch(2, prompt)])
+    torch.testing.assert_close(switched, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,sink,switch", [(None, 0, 2), (7, 1, 2), (7, 1, 3)])
+def test_prompt_switch_rebuilds_both_caches_under_the_new_prompt(window, sink, switch):
+    model, old, new = tiny_model(), tiny_prompt(1), tiny_prompt(2)
+    states = []
+    latents = sample_video(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink,
+                           prompt_switches=[PromptSwitch(switch, new)],
+                           callback=lambda info: states.append((info["block"], list(info["state"].kv_cache.slot_frames))))
+    plain = sample_video(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink)
+    first = 3 * switch
+    torch.testing.assert_close(latents[:, :first], plain[:, :first])  # blocks before the switch are untouched
+    assert not torch.allclose(latents[:, first:], plain[:, first:], atol=1e-3)
+
+    # Reference for the cache right after the switch: the frames cached after block 1, written
+    # into an empty cache under the new prompt, in their blocks and at their positions.
+    frames_before_switch = dict(states)[switch - 1]
+    cache = model.new_kv_cache(*LATENT[1:], capacity_frames=window or 12, sink_frames=sink, rolling=window is not None)
+    captured = {}
+
+    def capture(info):
+        if info["block"] == switch:
+            captured["state"] = info["state"]
+
+    with torch.no_grad():
+        for block_start in sorted({3 * (f // 3) for f in frames_before_switch}):
+            group = [f for f in frames_before_switch if 3 * (f // 3) == block_start]
+            write_clean_context(model, latents[:, group[0]:group[-1] + 1], new, cache, group[0])
+    replay = model.new_kv_cache(*LATENT[1:], capacity_frames=window or 12, sink_frames=sink, rolling=window is not None)
+    stream = stream_blocks(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink,
+                           prompt_switches=[PromptSwitch(switch, new)], kv_cache=replay, callback=capture)
+    with torch.no_grad():
+        for _ in range(switch):
+            next(stream)
+        calls, handle = record_cached_calls(model)
+        next(stream)
+        handle.remove()
+    # The first denoising call after the switch attended to the re-cached frames; recompute it against `cache`.
+    x, t, start_frame, flow = next(call for call in calls if call[2] == first)
+    expected = model(x, t, new, kv_cache=cache, start_frame=start_frame)
+    torch.testing.assert_close(flow, expected, atol=1e-5, rtol=1e-5)
+    cross_k = captured["state"].kv_cache.cross_k[0]
+    projected_k, _ = model.blocks[0].cross_attn.project_context(model.embed_text(new))
+    torch.testing.assert_close(cross_k, projected_k)
