@@ -17,3 +17,21 @@ def fixtures_dir():
     if not FIXTURES.is_dir():
         pytest.skip(f"shared fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """A real ComfyUI server with this pack linked in, one per session (tests/comfy_host.py)."""
+    from comfy_host import session_server
+    yield from session_server()
+
+
+@pytest.fixture(scope="session")
+def comfy_api_import():
+    """Host root put first on sys.path for in-process `import comfy...` (no server; CPU device);
+    skips without a host. The host's `nodes.py` then shadows the pack's `nodes` package."""
+    from comfy_host import find_host_or_skip
+    from comfy_paths import import_comfy
+    root = find_host_or_skip()
+    import_comfy("comfy.cli_args")  # puts the root on sys.path and selects the CPU
+    return root
