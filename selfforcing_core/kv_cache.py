@@ -98,6 +98,18 @@ class KVCache:
         self.plan = WritePlan(len(self.slot_frames) - num_frames, num_frames, evicted, len(self.slot_frames))
         return self.plan
 
+    def remove_frames(self, frames: list[int]):
+        """Forget the cached ``frames`` (temporary context such as keyframe anchors); the slots after
+        them slide left, keeping their keys (nothing is re-rotated) and their order."""
+        keep = [slot for slot, frame in enumerate(self.slot_frames) if frame not in frames]
+        fs = self.frame_seqlen
+        tokens = (torch.tensor(keep, device=self.k.device)[:, None] * fs
+                  + torch.arange(fs, device=self.k.device)).reshape(-1)
+        for buffer in (self.k, self.v):
+            buffer[:, :, :len(tokens)] = buffer[:, :, tokens]
+        self.slot_frames = [self.slot_frames[slot] for slot in keep]
+        self.plan = None
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values by the current plan and return the valid cache.
 

@@ -64,16 +64,36 @@ class RolloutState:
     frame_blocks: dict = field(default_factory=dict)  # absolute frame -> first frame of its block
 
 
+class BlockGuide:
+    """Hooks that steer a rollout block by block (keyframes use them); this base class changes nothing."""
+
+    def before_block(self, model: CausalWanModel, state: RolloutState, start_frame: int, num_frames: int):
+        """Called before the first denoising step of the block at ``start_frame`` (after a prompt switch)."""
+
+    def guide_x0(self, start_frame: int, step: int, x0: torch.Tensor) -> torch.Tensor:
+        """The x0 prediction [B, F, C, H, W] that denoising ``step`` continues from (default: unchanged)."""
+        return x0
+
+    def after_block(self, model: CausalWanModel, state: RolloutState, start_frame: int):
+        """Called after the block's clean-context pass."""
+
+
 def denoise_block(model: CausalWanModel, schedule: FlowMatchSchedule, timesteps: torch.Tensor,
                   x: torch.Tensor, prompt: torch.Tensor, kv_cache, start_frame: int,
-                  step_noise: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Few-step sampling of one block against the cache. x: [B, F, C, H, W] noise -> x0 [B, F, C, H, W]."""
+                  step_noise: Callable[[int], torch.Tensor],
+                  guide_x0: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Few-step sampling of one block against the cache. x: [B, F, C, H, W] noise -> x0 [B, F, C, H, W].
+
+    guide_x0(step, x0) -> x0, if given, replaces each step's x0 prediction (before re-noising).
+    """
     batch, frames = x.shape[:2]
     x0 = x
     for step, t in enumerate(timesteps):
         t_frames = torch.full((batch, frames), float(t), device=x.device)
         flow = model(x.transpose(1, 2), t_frames, prompt, kv_cache=kv_cache, start_frame=start_frame)
         x0 = schedule.x0_from_flow(x, flow.transpose(1, 2), t_frames)
+        if guide_x0 is not None:
+            x0 = guide_x0(step, x0)
         if step + 1 < len(timesteps):
             next_t = torch.full((batch, frames), float(timesteps[step + 1]), device=x.device)
             x = schedule.add_noise(x0, step_noise(step), next_t)
@@ -115,7 +135,7 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                   kv_window_frames: int | None = None, sink_frames: int = 0, prefill: torch.Tensor | None = None,
                   prompt_switches: list[PromptSwitch] = (), frames_per_block: int = 3,
                   callback: Callable[[dict], None] | None = None, batch_size: int = 1,
-                  kv_cache=None) -> Iterator[torch.Tensor]:
+                  kv_cache=None, guide: BlockGuide | None = None) -> Iterator[torch.Tensor]:
     """Yield each block's clean latents [B, frames_per_block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
@@ -127,8 +147,10 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     frames); they are not yielded. prompt_switches: change the prompt at chosen blocks (the
     caches are re-encoded, see ``recache_prompt``). callback: called after every block with
     ``{"block", "num_blocks", "start_frame", "latents", "state"}``; it may raise to stop the stream.
+    guide: a ``BlockGuide`` whose hooks run around each block and on each step's x0 (keyframes).
     """
     schedule = schedule or FlowMatchSchedule(5.0)
+    guide = guide or BlockGuide()
     timesteps = schedule.warp(DEFAULT_STEPS) if timesteps is None else torch.as_tensor(timesteps)
     if num_blocks is None and kv_window_frames is None:
         raise ValueError("an endless stream needs a rolling KV window (kv_window_frames)")
@@ -167,9 +189,12 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                 recache_prompt(model, state)
             shape = (batch_size, frames_per_block, channels, height, width)
             x = noise.block_noise(block, block * frames_per_block, shape, dtype, device)
+            guide.before_block(model, state, start_frame, frames_per_block)
             clean = denoise_block(model, schedule, timesteps, x, state.prompt, kv_cache, start_frame,
-                                  lambda step: noise.step_noise(block, step, shape, dtype, device))
+                                  lambda step: noise.step_noise(block, step, shape, dtype, device),
+                                  lambda step, x0: guide.guide_x0(start_frame, step, x0))
             write_clean_context(model, clean, state.prompt, kv_cache, start_frame)
+            guide.after_block(model, state, start_frame)
             remember(clean, start_frame)
             if callback is not None:
                 callback({"block": block, "num_blocks": num_blocks, "start_frame": start_frame,
