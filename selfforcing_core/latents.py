@@ -170,6 +170,7 @@ class StreamingCodec(torch.nn.Module):
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents [B, F, C, h, w] -> frames [B, 1 + 4(F-1), 3, 8h, 8w] in [0, 1]."""
+        check_video(latents, self.latent_channels, "latents")
         stream = self.stream()
         step = self.decode_chunk_frames or latents.shape[1]
         frames = [stream.decode(latents[:, i:i + step]) for i in range(0, latents.shape[1], step)]
@@ -177,6 +178,7 @@ class StreamingCodec(torch.nn.Module):
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames [B, T, 3, H, W] in [0, 1] -> generator latents [B, F, C, H/8, W/8] (normalised)."""
+        check_video(frames, 3, "frames")
         stream = self.stream()
         step = self.encode_chunk_frames or frames.shape[1]
         latents = [stream.encode(frames[:, i:i + step]) for i in range(0, frames.shape[1], step)]
@@ -224,6 +226,9 @@ def load_codec(source: str | Path | dict, dtype: torch.dtype = torch.float32,
     """
     from .taehv import TAEHV
     from .wan_vae import WanVAE
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported decoder dtype {dtype}: use torch.float32, torch.float16 or torch.bfloat16")
 
     name = Path(source).name if isinstance(source, (str, Path)) else ""
     state_dict = source if isinstance(source, dict) else load_state_dict_file(source)
