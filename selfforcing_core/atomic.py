@@ -1,0 +1,34 @@
+"""Atomic file writes: write a temporary file in the target folder, then ``os.replace`` it.
+
+A crash or interrupt never leaves a half-written checkpoint or LoRA under the final name.
+"""
+import os
+import tempfile
+from typing import Callable
+
+import torch
+
+
+def atomic_write(path, write: Callable[[str], None]):
+    """Call ``write(temp_path)`` and move the result to ``path``; the temporary file is removed on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
+    os.close(handle)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """``safetensors.torch.save_file`` made atomic."""
+    from safetensors.torch import save_file
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+
+
+def save_torch(obj, path):
+    """``torch.save`` made atomic (for training checkpoints)."""
+    atomic_write(path, lambda temp: torch.save(obj, temp))
