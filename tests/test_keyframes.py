@@ -1,0 +1,152 @@
+"""Keyframe-conditioned sampler: start prefill, keyframe pinning, strength 0 = plain stream, errors."""
+import pytest
+import torch
+
+from decoder_weights import taehv_state_dict, wan_vae_state_dict
+from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes, encode_still, fit_images,
+                                        keyframe_from_image, pixel_to_latent_frame, start_block, stream_keyframes)
+from selfforcing_core.latents import load_codec
+from selfforcing_core.rollout import NoiseSource, PromptSwitch, stream_blocks, write_clean_context
+from tiny import tiny_model, tiny_prompt
+
+LATENT = (16, 4, 6)  # 2 x 3 = 6 tokens per frame; images are 32 x 48
+NUM_BLOCKS = 3
+
+
+def seeded(seed=0):
+    return NoiseSource(generator=torch.Generator().manual_seed(seed))
+
+
+def random_latent(seed, batch=1):
+    return torch.randn(batch, *LATENT, generator=torch.Generator().manual_seed(seed))
+
+
+def clip(blocks):
+    return torch.cat(list(blocks), dim=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def taehv():
+    return load_codec(taehv_state_dict())
+
+
+def test_pixel_frames_map_to_latent_frames_like_the_decoders():
+    # latent 0 -> pixel 0, latent k > 0 -> pixels 4k-3 .. 4k; 21 latents = 81 pixel frames
+    assert [pixel_to_latent_frame(p, 21) for p in (0, 1, 4, 5, 8, 80)] == [0, 1, 1, 2, 2, 20]
+    for outside in (-1, 81):
+        with pytest.raises(ValueError, match=r"outside the clip.*0\.\.80"):
+            pixel_to_latent_frame(outside, 21)
+
+
+@pytest.mark.parametrize("codec_kind", ["taehv", "wan_vae"])
+def test_start_image_prefill_puts_its_encoding_in_the_cache(model, codec_kind):
+    """The first block is the encoded still start image (latent 0 = the image's own first-frame
+    encoding) and the cache holds what the t = 0 pass of exactly those latents writes."""
+    codec = load_codec(taehv_state_dict() if codec_kind == "taehv" else wan_vae_state_dict())
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    start = start_block(codec.encode_video, image)
+    assert start.shape == (1, 3, *LATENT)
+    torch.testing.assert_close(start[:, 0], codec.encode_video(image[:, None])[:, 0])
+    states = []
+    blocks = list(stream_keyframes(model, tiny_prompt(), 2, LATENT, noise=seeded(), start=start,
+                                   callback=lambda info: states.append(info["state"])))
+    assert torch.equal(blocks[0], start)
+    reference = model.new_kv_cache(LATENT[1], LATENT[2], 3, 0, rolling=False)
+    write_clean_context(model, start, tiny_prompt(), reference, 0)
+    cache, tokens = states[-1].kv_cache, 3 * reference.frame_seqlen
+    assert cache.slot_frames[:3] == [0, 1, 2]
+    torch.testing.assert_close(cache.k[:, :, :tokens], reference.k, rtol=0, atol=0)
+    torch.testing.assert_close(cache.v[:, :, :tokens], reference.v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["guidance", "anchor"])
+@pytest.mark.parametrize("frame", [8, 4])  # end keyframe (last frame), keyframe between (block start)
+def test_strength_one_lands_exactly_on_the_keyframe(model, method, frame):
+    key = Keyframe(frame, random_latent(9), 1.0)
+    video = clip(stream_keyframes(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(), keyframes=[key],
+                                  method=method))
+    torch.testing.assert_close(video[:, frame], key.latent, rtol=0, atol=1e-6)
+    plain = clip(stream_blocks(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded()))
+    assert (video[:, frame] - plain[:, frame]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("method", ["guidance", "anchor"])
+def test_strength_zero_equals_the_plain_streaming_sampler(model, method):
+    keys = [Keyframe(4, random_latent(1), 0.0), Keyframe(8, random_latent(2), 0.0)]
+    plain = clip(stream_blocks(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3)))
+    video = clip(stream_keyframes(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3), keyframes=keys,
+                                  method=method, ramp_frames=3))
+    assert torch.equal(video, plain)
+
+
+def test_guidance_ramp_rises_to_the_strength_and_can_reach_the_previous_block():
+    key = Keyframe(4, torch.ones(1, *LATENT), 0.9)
+    guide = KeyframeGuide([key], "guidance", ramp_frames=3)
+    pulled = torch.cat([guide.guide_x0(start, 0, torch.zeros(1, 3, *LATENT)) for start in (0, 3)], dim=1)
+    weights = pulled.mean(dim=(0, 2, 3, 4))  # x0 = 0, key = 1 -> the weight per frame
+    torch.testing.assert_close(weights, torch.tensor([0.0, 0.18, 0.36, 0.54, 0.72, 0.0]) * 1.25)
+
+
+def test_anchor_steers_earlier_blocks_and_leaves_the_cache(model):
+    """Blocks before the keyframe's block see the anchor (their output changes) and after every
+    block the cache holds exactly the generated frames again (with a rolling window and a prompt
+    switch, the storyboard case)."""
+    slots, prompt_b = [], tiny_prompt(seed=4)
+    kwargs = dict(kv_window_frames=5, prompt_switches=[PromptSwitch(2, prompt_b)])
+    video = clip(stream_keyframes(model, tiny_prompt(), 4, LATENT, noise=seeded(), method="anchor",
+                                  keyframes=[Keyframe(11, random_latent(7), 1.0)],
+                                  callback=lambda info: slots.append(list(info["state"].kv_cache.slot_frames)),
+                                  **kwargs))
+    plain = clip(stream_blocks(model, tiny_prompt(), 4, LATENT, noise=seeded(), **kwargs))
+    assert (video[:, :3] - plain[:, :3]).abs().max() > 1e-3
+    # the anchor occupies one window slot while a block is denoised, so one older frame is evicted early
+    assert slots == [[0, 1, 2], [2, 3, 4, 5], [5, 6, 7, 8], [7, 8, 9, 10, 11]]
+    torch.testing.assert_close(video[:, 11], random_latent(7), rtol=0, atol=1e-6)
+
+
+def test_guidance_with_start_image_window_and_prompt_switch(model, taehv):
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    end_image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    end = keyframe_from_image(taehv.encode_video, end_image, pixel_to_latent_frame(44, 12))
+    torch.testing.assert_close(end.latent, encode_still(taehv.encode_video, end_image, 2)[:, 1])
+    video = clip(stream_keyframes(model, tiny_prompt(), 3, LATENT, noise=seeded(), keyframes=[end],
+                                  start=start_block(taehv.encode_video, image), kv_window_frames=6,
+                                  prompt_switches=[PromptSwitch(1, tiny_prompt(seed=8))]))
+    assert video.shape == (1, 12, *LATENT) and end.latent_frame == 11
+    torch.testing.assert_close(video[:, 11], end.latent, rtol=0, atol=1e-6)
+
+
+def test_keyframes_that_cannot_be_honoured_give_clear_errors():
+    key = random_latent(0)
+    cases = [
+        ([Keyframe(9, key)], 9, 0, "outside the clip of 9 latent frames"),
+        ([Keyframe(2, key)], 9, 3, "falls in the start image's block"),
+        ([Keyframe(f, key) for f in range(3, 10)], 9, 3, "7 keyframes but the clip generates only 6"),
+        ([Keyframe(4, key), Keyframe(4, key)], 9, 0, "both fall in latent frame 4"),
+        ([Keyframe(4, key, 1.5)], 9, 0, "strength must be in"),
+        ([Keyframe(4, torch.zeros(1, 16, 8, 8))], 9, 0, "latent has shape"),
+    ]
+    for keyframes, frames, first, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_keyframes(keyframes, frames, first, LATENT)
+    with pytest.raises(ValueError, match="method must be one of"):
+        KeyframeGuide([], "blend")
+
+
+def test_images_of_another_size_are_cropped_resized_or_rejected():
+    wide = torch.zeros(2, 3, 32, 96)
+    wide[..., 24:72] = 1.0  # bright centre half, dark sides
+    with pytest.raises(ValueError, match=r"96x32 but the video is 48x32.*'crop' or 'resize'"):
+        fit_images(wide, 32, 48, "reject")
+    cropped = fit_images(wide, 32, 48, "crop")  # same aspect after the centre crop: all bright
+    resized = fit_images(wide, 32, 48, "resize")  # squeezed: dark sides stay
+    assert cropped.shape == resized.shape == (2, 3, 32, 48)
+    assert cropped.min() > 0.99 and resized[..., 0].max() < 0.01
+    assert fit_images(wide, 32, 96, "reject") is wide
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        fit_images(torch.zeros(3, 32, 48), 32, 48)
