@@ -39,3 +39,10 @@ def test_pack_nodes_have_category_description_and_tooltips(comfy_server):
             for input_name, (_, options) in info["input"].get(section, {}).items():
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
         assert all(info["output_tooltips"]), f"{name} has an output without a tooltip"
+
+
+def test_host_meets_the_pack_minimum_version(comfy_api_import):
+    import comfyui_version
+    minimum = re.search(r'requires-comfyui = ">=([\d.]+)"', (REPO_ROOT / "pyproject.toml").read_text())[1]
+    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:3])
+    assert version >= tuple(int(part) for part in minimum.split(".")), comfyui_version.__version__
