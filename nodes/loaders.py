@@ -1,0 +1,123 @@
+"""Load Self-Forcing Model, Self-Forcing LoRA and Load Streaming Decoder."""
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..selfforcing_core.checkpoint import load_generator
+from ..selfforcing_core.latents import load_codec
+from ..selfforcing_core.lora import merge_lora
+from .common import CATEGORY, LoraList, SelfForcingModel, StreamingDecoder, compute_device, file_options, resolve_file
+
+DECODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class LoadSelfForcingModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingModelLoader",
+            display_name="Load Self-Forcing Model",
+            category=CATEGORY,
+            description="Loads a causal Wan2.1 generator (Self Forcing checkpoint or compatible) for the "
+                        "Self-Forcing samplers. Reports the configuration it read off the weights.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="A file in models/diffusion_models: the official self_forcing_dmd.pt "
+                                       "(its generator_ema weights are used) or a .safetensors in the Self "
+                                       "Forcing, Wan2.1, ComfyUI or diffusers key layout."),
+                io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                               tooltip="Precision of the weights. auto keeps the file's precision "
+                                       "(bf16 is the usual choice on GPUs; fp32 on the CPU)."),
+                io.Combo.Input("device", options=["default", "cpu"], default="default",
+                               tooltip="default: the device ComfyUI runs models on; cpu: keep it on the CPU."),
+                LoraList.Input("loras", optional=True,
+                               tooltip="LoRAs to merge into the weights, from Self-Forcing LoRA nodes."),
+            ],
+            outputs=[SelfForcingModel.Output(display_name="model", tooltip="The causal generator, for the Self-Forcing samplers.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name, **kwargs):
+        if folder_paths.get_full_path("diffusion_models", model_name) is None:
+            return f"model file '{model_name}' not found in models/diffusion_models"
+        return True
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype, device, loras=None):
+        target = torch.device("cpu") if device == "cpu" else compute_device()
+        model = load_generator(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
+                               dtype=weight_dtype, device=target)
+        for lora_path, strength in loras or []:
+            merge_lora(model, lora_path, strength)
+        cfg = model.cfg
+        summary = (f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
+                   f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
+                   f"{next(model.parameters()).dtype}, {len(loras or [])} LoRA(s), on {target}")
+        return io.NodeOutput(model, ui={"text": [summary]})
+
+
+class SelfForcingLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingLora",
+            display_name="Self-Forcing LoRA",
+            category=CATEGORY,
+            description="Adds a LoRA (e.g. one trained by the Self-Forcing Trainer) to the list the model "
+                        "loader merges. Chain several to stack them.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file in models/loras."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Multiplier of the LoRA's effect (0 = off)."),
+                LoraList.Input("loras", optional=True, tooltip="LoRAs chosen before this one."),
+            ],
+            outputs=[LoraList.Output(display_name="loras", tooltip="The LoRA list, for Load Self-Forcing Model.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name, **kwargs):
+        if folder_paths.get_full_path("loras", lora_name) is None:
+            return f"LoRA file '{lora_name}' not found in models/loras"
+        return True
+
+    @classmethod
+    def execute(cls, lora_name, strength, loras=None):
+        return io.NodeOutput([*(loras or []), (folder_paths.get_full_path_or_raise("loras", lora_name), strength)])
+
+
+class LoadStreamingDecoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingDecoderLoader",
+            display_name="Load Streaming Decoder",
+            category=CATEGORY,
+            description="Loads a decoder that turns each generated block into frames while the next block "
+                        "is generated: TAEHV (fast, taew2_1 / lighttaew2_1 in models/vae_approx) or the "
+                        "Wan 2.1 VAE (full quality, models/vae).",
+            inputs=[
+                io.Combo.Input("decoder_name", options=file_options("vae_approx", "vae"),
+                               tooltip="vae_approx/taew2_1.safetensors for live previews at high speed, "
+                                       "vae/wan_2.1_vae.safetensors for final quality."),
+                io.Combo.Input("dtype", options=list(DECODER_DTYPES), default="fp32",
+                               tooltip="Decoder precision; fp16/bf16 halve its memory on GPUs."),
+            ],
+            outputs=[StreamingDecoder.Output(display_name="decoder", tooltip="For the samplers and Streaming Decode.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, decoder_name, **kwargs):
+        try:
+            resolve_file(decoder_name)
+        except FileNotFoundError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, decoder_name, dtype):
+        codec = load_codec(resolve_file(decoder_name), dtype=DECODER_DTYPES[dtype], device=compute_device())
+        return io.NodeOutput(codec)
+
+
+NODES = [LoadSelfForcingModel, SelfForcingLora, LoadStreamingDecoder]

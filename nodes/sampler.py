@@ -1,0 +1,147 @@
+"""Self-Forcing Streaming Sampler, Self-Forcing Prompt Schedule and Streaming Decode."""
+from comfy_api.latest import io
+
+from ..selfforcing_core.latents import comfy_to_generator
+from ..selfforcing_core.rollout import PromptSwitch
+from ..selfforcing_core.streaming import DEFAULT_PRESET, STEP_PRESETS, generate_video
+from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size
+from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter,
+                     prompt_tensor, to_image, to_latent)
+
+
+def sampler_inputs():
+    """Inputs shared by the streaming and keyframe samplers, in their saved-workflow order."""
+    return [
+        SelfForcingModel.Input("model", tooltip="From Load Self-Forcing Model."),
+        io.Conditioning.Input("positive", tooltip="The prompt, encoded by CLIP Text Encode with the umT5 text "
+                              "encoder (CLIPLoader type wan) or loaded by Load Prompt Embeddings. No negative "
+                              "prompt: the model is distilled and runs without CFG."),
+        io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                     tooltip="Video width in pixels, a multiple of 16 (the model was trained at 832x480)."),
+        io.Int.Input("height", default=480, min=16, max=4096, step=16,
+                     tooltip="Video height in pixels, a multiple of 16."),
+        io.Int.Input("length", default=81, min=1, max=4093, step=4,
+                     tooltip="Video frames, 4n + 1 (81 = 5 s at 16 fps). Generated in blocks of 12 frames; "
+                             "longer than 81 needs a KV window."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="All noise comes from this seed (same result on any device)."),
+        io.Combo.Input("steps", options=list(STEP_PRESETS), default=DEFAULT_PRESET,
+                       tooltip="Denoising steps per block. The paper's 4 steps with shift 5 is what the model "
+                               "was trained for; the official demo used shift 8."),
+        io.Int.Input("kv_window_frames", default=0, min=0, max=1023,
+                     tooltip="Rolling KV cache size in latent frames (0 = keep every frame). Set it (e.g. 21) "
+                             "for videos longer than 81 frames; memory then stays flat for any length."),
+        io.Int.Input("sink_frames", default=0, min=0, max=1022,
+                     tooltip="Latent frames at the start that never leave the rolling cache (attention "
+                             "sink); e.g. 3 keeps the first block as an anchor in long videos."),
+        PromptSchedule.Input("prompt_schedule", optional=True,
+                             tooltip="Later prompts with the frame at which each takes over (Self-Forcing "
+                                     "Prompt Schedule); the cache is re-encoded so the scene continues."),
+        StreamingDecoder.Input("decoder", optional=True,
+                               tooltip="Decode each block while the next one is generated (Load Streaming "
+                                       "Decoder); also gives live previews."),
+    ]
+
+
+def sampler_outputs():
+    return [io.Latent.Output(display_name="latent", tooltip="Wan 2.1 LATENT (raw VAE space): VAE Decode works on it."),
+            io.Image.Output(display_name="images", tooltip="Decoded frames (one black frame without a decoder).")]
+
+
+def sampling_arguments(model, positive, width, height, length, seed, steps, kv_window_frames, sink_frames,
+                       prompt_schedule=None, decoder=None) -> dict:
+    """Node inputs -> keyword arguments of ``generate_video`` (units converted here, at the boundary)."""
+    latent_hw = latent_size(width, height)
+    switches = [PromptSwitch(latent_frame_of(frame) // 3, prompt_tensor(cond, "scheduled"))
+                for frame, cond in prompt_schedule or []]
+    return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length),
+                latent_hw=latent_hw, seed=seed, preset=steps, kv_window_frames=kv_window_frames or None,
+                sink_frames=sink_frames, prompt_switches=switches, decoder=decoder)
+
+
+def validate_sizes(width, height, length, **_) -> bool | str:
+    """Node-side check of the pixel sizes, so a bad value is refused before anything runs."""
+    try:
+        latent_size(width, height)
+        latent_frames_for(length)
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def sampler_output(video):
+    """LATENT and IMAGE outputs; without a decoder the IMAGE is one black frame of the video's size."""
+    frames = video.frames
+    if frames is None:
+        frames = video.latents.new_zeros(1, 1, 3, video.latents.shape[-2] * 8, video.latents.shape[-1] * 8)
+    return io.NodeOutput(to_latent(video.latents), to_image(frames))
+
+
+class SelfForcingStreamingSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingStreamingSampler",
+            display_name="Self-Forcing Streaming Sampler",
+            category=CATEGORY,
+            description="Generates video block by block (3 latent frames, 4 steps each) with a KV cache; "
+                        "each block is decoded and previewed while the next one is generated.",
+            inputs=sampler_inputs(),
+            outputs=sampler_outputs(),
+        )
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return validate_sizes(**inputs)
+
+    @classmethod
+    def execute(cls, **inputs):
+        arguments = sampling_arguments(**inputs)
+        video = generate_video(**arguments, on_block=block_reporter(-(-arguments["latent_frames"] // 3)))
+        return sampler_output(video)
+
+
+class SelfForcingPromptSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingPromptSchedule",
+            display_name="Self-Forcing Prompt Schedule",
+            category=CATEGORY,
+            description="Switches to another prompt from a chosen frame on. Chain several for a storyboard.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The prompt that takes over."),
+                io.Int.Input("start_frame", default=40, min=1, max=100000,
+                             tooltip="Video frame from which this prompt applies; rounded down to the "
+                                     "start of its 12-frame block."),
+                PromptSchedule.Input("prompt_schedule", optional=True, tooltip="Earlier switches."),
+            ],
+            outputs=[PromptSchedule.Output(display_name="prompt_schedule", tooltip="For the sampler's prompt_schedule input.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, start_frame, prompt_schedule=None):
+        return io.NodeOutput(sorted([*(prompt_schedule or []), (start_frame, conditioning)], key=lambda s: s[0]))
+
+
+class StreamingDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingStreamingDecode",
+            display_name="Streaming Decode",
+            category=CATEGORY,
+            description="Decodes a Wan 2.1 LATENT to frames with a Self-Forcing streaming decoder, block by block.",
+            inputs=[
+                StreamingDecoder.Input("decoder", tooltip="From Load Streaming Decoder."),
+                io.Latent.Input("latent", tooltip="A Wan 2.1 LATENT, e.g. from the Self-Forcing sampler."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="Decoded frames in [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, decoder, latent):
+        return io.NodeOutput(to_image(decoder.decode_video(comfy_to_generator(latent["samples"]))))
+
+
+NODES = [SelfForcingStreamingSampler, SelfForcingPromptSchedule, StreamingDecode]

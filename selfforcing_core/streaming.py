@@ -1,0 +1,76 @@
+"""Generate a clip block by block and decode each block while the next one is generated.
+
+This is the entry point the sampler nodes call: it joins the rollout (``rollout.stream_blocks``)
+and a streaming decoder (``latents.VideoStream``), trims whole blocks to the requested length,
+and reports every block (latents and decoded frames) to a callback for progress and previews.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .rollout import BlockGuide, NoiseSource, PromptSwitch, stream_blocks
+from .schedule import DEFAULT_STEPS, FlowMatchSchedule
+from .units import blocks_for, video_frames_for
+
+# name -> (scheduler shift, configured steps); the timesteps fed are the warped list.
+STEP_PRESETS = {
+    "4 steps, shift 5 (paper)": (5.0, DEFAULT_STEPS),
+    "4 steps, shift 8 (official demo)": (8.0, DEFAULT_STEPS),
+}
+DEFAULT_PRESET = "4 steps, shift 5 (paper)"
+
+
+@dataclass
+class GeneratedVideo:
+    """latents: generator latents [B, F, 16, h, w] (normalised); frames: [B, T, 3, 8h, 8w] in [0, 1] or None."""
+
+    latents: torch.Tensor
+    frames: torch.Tensor | None
+
+
+def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int], *, seed: int,
+                   preset: str = DEFAULT_PRESET, kv_window_frames: int | None = None, sink_frames: int = 0,
+                   prompt_switches: list[PromptSwitch] = (), decoder=None, prefill: torch.Tensor | None = None,
+                   guide: BlockGuide | None = None,
+                   on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
+                   frames_per_block: int = 3) -> GeneratedVideo:
+    """Generate ``latent_frames`` latent frames after the optional ``prefill`` [B, P, 16, h, w].
+
+    prompt: umT5 embeddings [B, L, 4096]. seed: all noise (initial and re-noise) comes from one
+    CPU ``torch.Generator`` seeded with it, so results do not depend on the device. decoder: a
+    codec from ``latents.load_codec`` (TAEHV or Wan VAE) or None. on_block(block, num_blocks,
+    latents, frames) runs after each block, with that block's latents and decoded frames; it
+    may raise (e.g. on a user interrupt) to stop generation.
+    Returns the prefill frames followed by the generated ones, trimmed to the requested length.
+    """
+    if preset not in STEP_PRESETS:
+        raise ValueError(f"unknown step preset {preset!r}; choose one of {', '.join(STEP_PRESETS)}")
+    if latent_frames < 1:
+        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    shift, steps = STEP_PRESETS[preset]
+    schedule = FlowMatchSchedule(shift)
+    num_blocks = blocks_for(latent_frames, frames_per_block)
+    latent_shape = (model.cfg.in_dim, *latent_hw)
+    noise = NoiseSource(generator=torch.Generator().manual_seed(seed))
+    stream = decoder.stream() if decoder is not None else None
+    latents, frames = [], []
+    if prefill is not None:
+        latents.append(prefill)
+        if stream is not None:
+            frames.append(stream.decode(prefill))
+    blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise, schedule=schedule,
+                           timesteps=schedule.warp(steps), kv_window_frames=kv_window_frames,
+                           sink_frames=sink_frames, prefill=prefill, prompt_switches=list(prompt_switches),
+                           frames_per_block=frames_per_block, guide=guide, batch_size=prompt.shape[0])
+    for block, clean in enumerate(blocks):
+        latents.append(clean)
+        decoded = stream.decode(clean) if stream is not None else None
+        if decoded is not None:
+            frames.append(decoded)
+        if on_block is not None:
+            on_block(block, num_blocks, clean, decoded)
+    total_latent = (0 if prefill is None else prefill.shape[1]) + latent_frames
+    video = torch.cat(latents, dim=1)[:, :total_latent]
+    pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
+    return GeneratedVideo(video, pixels)
