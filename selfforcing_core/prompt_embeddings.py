@@ -14,11 +14,11 @@ File layout (plain safetensors, readable without this module):
 """
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .atomic import save_safetensors
 
 FILE_FORMAT = "self-forcing-prompt-embeddings/1"
 PLAIN_TYPES = (type(None), bool, int, float, str)
@@ -44,17 +44,7 @@ def save_prompt_embeddings(path, entries):
                     "embedding file cannot hold; save the text encoder output before attaching "
                     "control nets, hooks, areas or masks")
         plain_extras.append(plain)
-    metadata = {"format": FILE_FORMAT, "extras": json.dumps(plain_extras)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_path, metadata=metadata)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    save_safetensors(tensors, path, {"format": FILE_FORMAT, "extras": json.dumps(plain_extras)})
 
 
 def load_prompt_embeddings(path):

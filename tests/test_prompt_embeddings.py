@@ -53,7 +53,7 @@ def test_failed_write_keeps_the_previous_file_and_no_temp_file(tmp_path, monkeyp
             file.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(prompt_embeddings, "save_file", write_half_then_fail)
+    monkeypatch.setattr("safetensors.torch.save_file", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save_prompt_embeddings(path, wan_conditioning(seed=2))
     assert_same_entries(load_prompt_embeddings(path), first)
