@@ -49,12 +49,13 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def add_adapter(self, name: str, rank: int, alpha: float):
-        """New adapter: down ~ Kaiming-uniform, up = 0, so the wrapped layer is unchanged."""
+    def add_adapter(self, name: str, rank: int, alpha: float, generator: torch.Generator | None = None):
+        """New adapter: down ~ Kaiming-uniform (drawn on the CPU from ``generator``), up = 0, so the
+        wrapped layer is unchanged."""
         weight = self.base.weight
-        down = torch.empty(rank, self.in_features, dtype=torch.float32, device=weight.device)
-        nn.init.kaiming_uniform_(down, a=5 ** 0.5)
-        self.down[name] = nn.Parameter(down)
+        down = torch.empty(rank, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(down, a=5 ** 0.5, generator=generator)
+        self.down[name] = nn.Parameter(down.to(weight.device))
         self.up[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=weight.device))
         self.alpha[name], self.strength[name] = float(alpha), 1.0
 
@@ -86,11 +87,12 @@ def _parent_and_attr(model: nn.Module, name: str):
 
 
 def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float | None = None,
-                targets=DEFAULT_TARGETS) -> list[str]:
+                targets=DEFAULT_TARGETS, generator: torch.Generator | None = None) -> list[str]:
     """Add adapter ``adapter`` to every linear whose name ends with one of ``targets``.
 
     Linears are wrapped in ``LoRALinear`` on first use (later adapters reuse the wrapper).
-    alpha defaults to rank (scale 1). Returns the adapted module names.
+    alpha defaults to rank (scale 1); ``generator`` makes the initialisation reproducible.
+    Returns the adapted module names.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
@@ -110,7 +112,7 @@ def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float | None =
             setattr(parent, attr, layer)
         if adapter in layer.down:
             raise ValueError(f"adapter {adapter!r} already exists on {name}")
-        layer.add_adapter(adapter, rank, rank if alpha is None else alpha)
+        layer.add_adapter(adapter, rank, rank if alpha is None else alpha, generator)
     return names
 
 
