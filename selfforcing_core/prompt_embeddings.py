@@ -42,7 +42,7 @@ def save_prompt_embeddings(path, entries):
                 raise ValueError(
                     f"entry {index} carries '{key}' of type {type(value).__name__}, which a prompt-"
                     "embedding file cannot hold; save the text encoder output before attaching "
-                    "control nets, hooks, areas or masks")
+                    "control nets, hooks or areas")
         plain_extras.append(plain)
     save_safetensors(tensors, path, {"format": FILE_FORMAT, "extras": json.dumps(plain_extras)})
 
