@@ -1,6 +1,6 @@
 """A real ComfyUI server for end-to-end tests, with this pack linked into its custom_nodes.
 
-    server = ComfyServer(find_comfyui()); server.start()
+    server = ComfyServer(comfyui_root()).start()
     server.write_safetensors("diffusion_models", "tiny.safetensors", state_dict)
     prompt_id = server.queue_prompt({"1": {"class_type": ..., "inputs": {...}}})
     entry = server.wait(prompt_id)          # history entry; raises PromptExecutionError on failure
