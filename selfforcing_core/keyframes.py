@@ -152,7 +152,7 @@ def check_keyframes(keyframes: list[Keyframe], num_latent_frames: int | None, fi
 class KeyframeGuide(BlockGuide):
     """Rollout hooks steering towards keyframes by ``guidance`` or ``anchor`` (module docstring)."""
 
-    def __init__(self, keyframes: list[Keyframe], method: str = "guidance", ramp_frames: int = 2):
+    def __init__(self, keyframes: list[Keyframe], method: str = "guidance", ramp_frames: int = 5):
         if method not in METHODS:
             raise ValueError(f"keyframe method must be one of {METHODS}, got {method!r}")
         if ramp_frames < 0:
@@ -206,7 +206,7 @@ def write_anchor(model: CausalWanModel, state: RolloutState, keyframe: Keyframe)
 
 def stream_keyframes(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
                      latent_shape: tuple[int, int, int], *, noise: NoiseSource, start: torch.Tensor | None = None,
-                     keyframes: list[Keyframe] = (), method: str = "guidance", ramp_frames: int = 2,
+                     keyframes: list[Keyframe] = (), method: str = "guidance", ramp_frames: int = 5,
                      frames_per_block: int = 3, **stream_kwargs) -> Iterator[torch.Tensor]:
     """Yield the clip block by block: ``start`` (if given), then each generated block [B, fpb, C, H, W].
 
