@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from .model import CausalWanModel
 from .rollout import BlockGuide, NoiseSource, RolloutState, stream_blocks
+from .units import SPATIAL_FACTOR, latent_frame_of, video_frames_for
 
-PIXEL_FRAMES_PER_LATENT = 4
-SPATIAL_DOWNSCALE = 8
 METHODS = ("guidance", "anchor")
 FIT_MODES = ("crop", "resize", "reject")
 
@@ -45,19 +44,14 @@ FIT_MODES = ("crop", "resize", "reject")
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def num_pixel_frames(num_latent_frames: int) -> int:
-    """Pixel frames a clip of ``num_latent_frames`` latent frames decodes to: 4F - 3."""
-    return PIXEL_FRAMES_PER_LATENT * (num_latent_frames - 1) + 1
-
-
 def pixel_to_latent_frame(pixel_frame: int, num_latent_frames: int) -> int:
     """Latent frame holding pixel frame ``pixel_frame`` (0-based) of a clip of ``num_latent_frames``."""
-    last = num_pixel_frames(num_latent_frames) - 1
+    last = video_frames_for(num_latent_frames) - 1
     if not 0 <= pixel_frame <= last:
         raise ValueError(f"keyframe at pixel frame {pixel_frame} is outside the clip: {num_latent_frames} "
                          f"latent frames decode to pixel frames 0..{last}; pick a time in that range "
                          "or make the clip longer")
-    return -(-pixel_frame // PIXEL_FRAMES_PER_LATENT)
+    return latent_frame_of(pixel_frame)
 
 
 def fit_images(images: torch.Tensor, height: int, width: int, fit: str = "crop") -> torch.Tensor:
@@ -89,7 +83,7 @@ def fit_images(images: torch.Tensor, height: int, width: int, fit: str = "crop")
 def encode_still(encode: Encoder, image: torch.Tensor, num_latents: int) -> torch.Tensor:
     """Latents [B, num_latents, C, h, w] of a clip holding ``image`` [B, 3, H, W] still for
     1 + 4 (num_latents - 1) frames."""
-    frames = image[:, None].expand(-1, num_pixel_frames(num_latents), -1, -1, -1)
+    frames = image[:, None].expand(-1, video_frames_for(num_latents), -1, -1, -1)
     latents = encode(frames)
     if latents.ndim != 5 or latents.shape[1] < num_latents:
         raise ValueError(f"the encoder turned {frames.shape[1]} frames into shape {tuple(latents.shape)}; "
@@ -119,6 +113,30 @@ def keyframe_from_image(encode: Encoder, image: torch.Tensor, latent_frame: int,
     return Keyframe(latent_frame, latents[:, -1], strength)
 
 
+def prepare_keyframes(encode: Encoder, latent_hw: tuple[int, int], num_latent_frames: int,
+                      start_image: torch.Tensor | None = None, keyframe_images=(), fit: str = "crop",
+                      frames_per_block: int = 3, batch_size: int = 1) -> tuple[torch.Tensor | None, list[Keyframe]]:
+    """Images -> (start block or None, keyframes), checked against a clip of ``num_latent_frames``
+    latent frames (start block included).
+
+    start_image: [1, 3, H, W] in [0, 1]. keyframe_images: (pixel_frame, image [1, 3, H, W],
+    strength) per keyframe, times in pixel frames of the whole clip. Images are fitted to the
+    video size (8 x latent_hw) by ``fit``. Returns the start block [batch_size, fpb, C, h, w].
+    """
+    height, width = (SPATIAL_FACTOR * size for size in latent_hw)
+    start = None
+    if start_image is not None:
+        start = start_block(encode, fit_images(start_image, height, width, fit), frames_per_block)
+        start = start.expand(batch_size, -1, -1, -1, -1)
+    keyframes = [keyframe_from_image(encode, fit_images(image, height, width, fit),
+                                     pixel_to_latent_frame(pixel_frame, num_latent_frames), strength)
+                 for pixel_frame, image, strength in keyframe_images]
+    latent_shape = (keyframes[0].latent.shape[1], *latent_hw) if keyframes else None
+    if latent_shape is not None:
+        check_keyframes(keyframes, num_latent_frames, 0 if start is None else start.shape[1], latent_shape)
+    return start, keyframes
+
+
 def check_keyframes(keyframes: list[Keyframe], num_latent_frames: int | None, first_free_frame: int,
                     latent_shape: tuple[int, int, int]):
     """Raise a clear ValueError for keyframes that cannot be honoured.
@@ -134,7 +152,7 @@ def check_keyframes(keyframes: list[Keyframe], num_latent_frames: int | None, fi
         frame = keyframe.latent_frame
         if frame < first_free_frame:
             raise ValueError(f"keyframe {index} at latent frame {frame} falls in the start image's block "
-                             f"(pixel frames 0..{num_pixel_frames(first_free_frame) - 1}); move it later")
+                             f"(pixel frames 0..{video_frames_for(first_free_frame) - 1}); move it later")
         if num_latent_frames is not None and frame >= num_latent_frames:
             raise ValueError(f"keyframe {index} at latent frame {frame} is outside the clip of "
                              f"{num_latent_frames} latent frames")

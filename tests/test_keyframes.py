@@ -4,7 +4,8 @@ import torch
 
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes, encode_still, fit_images,
-                                        keyframe_from_image, pixel_to_latent_frame, start_block, stream_keyframes)
+                                        keyframe_from_image, pixel_to_latent_frame, prepare_keyframes, start_block,
+                                        stream_keyframes)
 from selfforcing_core.latents import load_codec
 from selfforcing_core.rollout import NoiseSource, PromptSwitch, stream_blocks, write_clean_context
 from tiny import tiny_model, tiny_prompt
@@ -150,3 +151,19 @@ def test_images_of_another_size_are_cropped_resized_or_rejected():
     assert fit_images(wide, 32, 96, "reject") is wide
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         fit_images(torch.zeros(3, 32, 48), 32, 48)
+
+
+def test_prepare_keyframes_fits_encodes_and_checks_images(taehv):
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))  # 2x the video size
+    start, keys = prepare_keyframes(taehv.encode_video, LATENT[1:], 12, start_image=image,
+                                    keyframe_images=[(44, image, 0.5), (20, image, 1.0)], batch_size=2)
+    small = fit_images(image, 32, 48)
+    assert start.shape == (2, 3, *LATENT) and torch.equal(start[1], start_block(taehv.encode_video, small)[0])
+    assert [(k.latent_frame, k.strength) for k in keys] == [(11, 0.5), (5, 1.0)]
+    torch.testing.assert_close(keys[0].latent, keyframe_from_image(taehv.encode_video, small, 11).latent)
+    with pytest.raises(ValueError, match="96x64 but the video is 48x32"):
+        prepare_keyframes(taehv.encode_video, LATENT[1:], 12, keyframe_images=[(44, image, 1.0)], fit="reject")
+    with pytest.raises(ValueError, match="outside the clip"):
+        prepare_keyframes(taehv.encode_video, LATENT[1:], 12, keyframe_images=[(45, small, 1.0)])
+    with pytest.raises(ValueError, match="start image's block"):
+        prepare_keyframes(taehv.encode_video, LATENT[1:], 12, start_image=small, keyframe_images=[(8, small, 1.0)])
