@@ -4,6 +4,6 @@ Only ComfyUI imports this file. The core library (``selfforcing_core``) never im
 """
 try:
     from .nodes import comfy_entrypoint  # noqa: F401
-except ImportError as error:  # imported outside a ComfyUI host (e.g. by tooling)
-    if "comfy" not in str(error):
+except ModuleNotFoundError as error:  # imported outside a ComfyUI host (e.g. by tooling)
+    if not (error.name or "").startswith(("comfy", "folder_paths")):
         raise
