@@ -115,22 +115,26 @@ def keyframe_from_image(encode: Encoder, image: torch.Tensor, latent_frame: int,
 
 def prepare_keyframes(encode: Encoder, latent_hw: tuple[int, int], num_latent_frames: int,
                       start_image: torch.Tensor | None = None, keyframe_images=(), fit: str = "crop",
-                      frames_per_block: int = 3, batch_size: int = 1) -> tuple[torch.Tensor | None, list[Keyframe]]:
+                      frames_per_block: int = 3, batch_size: int = 1, device=None,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, list[Keyframe]]:
     """Images -> (start block or None, keyframes), checked against a clip of ``num_latent_frames``
     latent frames (start block included).
 
     start_image: [1, 3, H, W] in [0, 1]. keyframe_images: (pixel_frame, image [1, 3, H, W],
     strength) per keyframe, times in pixel frames of the whole clip. Images are fitted to the
-    video size (8 x latent_hw) by ``fit``. Returns the start block [batch_size, fpb, C, h, w].
+    video size (8 x latent_hw) by ``fit``. Returns the start block [batch_size, fpb, C, h, w];
+    latents are moved to ``device`` / ``dtype`` (the generator's).
     """
     height, width = (SPATIAL_FACTOR * size for size in latent_hw)
     start = None
     if start_image is not None:
         start = start_block(encode, fit_images(start_image, height, width, fit), frames_per_block)
-        start = start.expand(batch_size, -1, -1, -1, -1)
+        start = start.expand(batch_size, -1, -1, -1, -1).to(device, dtype)
     keyframes = [keyframe_from_image(encode, fit_images(image, height, width, fit),
                                      pixel_to_latent_frame(pixel_frame, num_latent_frames), strength)
                  for pixel_frame, image, strength in keyframe_images]
+    for keyframe in keyframes:
+        keyframe.latent = keyframe.latent.to(device, dtype)
     latent_shape = (keyframes[0].latent.shape[1], *latent_hw) if keyframes else None
     if latent_shape is not None:
         check_keyframes(keyframes, num_latent_frames, 0 if start is None else start.shape[1], latent_shape)

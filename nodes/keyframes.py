@@ -1,0 +1,111 @@
+"""Self-Forcing Keyframe Sampler (start image, end image, keyframes between) and Self-Forcing Keyframe."""
+from comfy_api.latest import io
+
+from ..selfforcing_core.keyframes import FIT_MODES, METHODS, KeyframeGuide, prepare_keyframes
+from ..selfforcing_core.rollout import PromptSwitch
+from ..selfforcing_core.streaming import generate_video
+from ..selfforcing_core.units import blocks_for
+from .common import CATEGORY, StreamingDecoder, block_reporter
+from .sampler import sampler_inputs, sampler_output, sampler_outputs, sampling_arguments, validate_sizes
+
+KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
+
+
+def first_image(image):
+    """ComfyUI IMAGE [N, H, W, 3] -> its first image as [1, 3, H, W]."""
+    return image[:1].permute(0, 3, 1, 2).float()
+
+
+class SelfForcingKeyframe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingKeyframe",
+            display_name="Self-Forcing Keyframe",
+            category=CATEGORY,
+            description="An image the video should pass through at a chosen frame. Chain several.",
+            inputs=[
+                io.Image.Input("image", tooltip="The keyframe (first image of the batch); fitted to the video size."),
+                io.Int.Input("frame", default=40, min=0, max=100000,
+                             tooltip="Video frame where the image should appear (0-based; 4 video frames share "
+                                     "one latent frame)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="1 = that frame is the keyframe; lower values only pull towards it; 0 = off."),
+                KeyframeList.Input("keyframes", optional=True, tooltip="Earlier keyframes."),
+            ],
+            outputs=[KeyframeList.Output(display_name="keyframes", tooltip="For the keyframe sampler's keyframes input.")],
+        )
+
+    @classmethod
+    def execute(cls, image, frame, strength, keyframes=None):
+        return io.NodeOutput(sorted([*(keyframes or []), (frame, image, strength)], key=lambda k: k[0]))
+
+
+class SelfForcingKeyframeSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingKeyframeSampler",
+            display_name="Self-Forcing Keyframe Sampler",
+            category=CATEGORY,
+            description="The streaming sampler steered by images: a start image (image-to-video), an end image "
+                        "and keyframes between, each at a chosen frame.",
+            inputs=sampler_inputs() + [
+                io.Image.Input("start_image", optional=True,
+                               tooltip="First frame. Encoded as a still first block (the clip opens on 9 still "
+                                       "frames), which the rest of the video continues from."),
+                io.Image.Input("end_image", optional=True, tooltip="Last frame of the video."),
+                io.Float.Input("end_strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="1 = the last frame is the end image; lower values only pull towards it."),
+                KeyframeList.Input("keyframes", optional=True, tooltip="Images between (Self-Forcing Keyframe)."),
+                StreamingDecoder.Input("encoder", optional=True,
+                                       tooltip="Encodes the images (Load Streaming Decoder with encoder weights: "
+                                               "Wan VAE, or TAEHV for speed). Default: the decoder."),
+                io.Combo.Input("method", options=list(METHODS), default="guidance",
+                               tooltip="guidance: blend each step's prediction towards the keyframe, ramping up "
+                                       "over the frames before it. anchor: also show the keyframe to earlier "
+                                       "blocks through the KV cache at its future position."),
+                io.Int.Input("ramp_frames", default=5, min=0, max=30,
+                             tooltip="Latent frames (4 video frames each) before a keyframe that are pulled "
+                                     "towards it with rising strength (guidance). 5 = its block and the one before."),
+                io.Combo.Input("image_fit", options=list(FIT_MODES), default="crop",
+                               tooltip="Images of another size: crop (scale and centre-crop, keeps the aspect), "
+                                       "resize (stretch) or reject (error)."),
+            ],
+            outputs=sampler_outputs(),
+        )
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return validate_sizes(**inputs)
+
+    @classmethod
+    def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
+                method="guidance", ramp_frames=5, image_fit="crop", **inputs):
+        arguments = sampling_arguments(**inputs)
+        images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
+        if end_image is not None:
+            images.append((inputs["length"] - 1, first_image(end_image), end_strength))
+        encoder = encoder or inputs.get("decoder")
+        if encoder is None and (images or start_image is not None):
+            raise ValueError("connect an encoder (or a decoder) to encode the keyframe images: "
+                             "Load Streaming Decoder with Wan VAE or TAEHV weights that include the encoder")
+        weight = arguments["model"].patch_embedding.weight
+        start, keys = prepare_keyframes(
+            encoder.encode_video if encoder is not None else None, arguments["latent_hw"],
+            arguments["latent_frames"], None if start_image is None else first_image(start_image), images,
+            image_fit, batch_size=arguments["prompt"].shape[0], device=weight.device, dtype=weight.dtype)
+        if start is not None:  # the start block is part of the requested length
+            start_frames = start.shape[1]
+            if arguments["latent_frames"] <= start_frames:
+                raise ValueError(f"length {inputs['length']} leaves no frames after the start image's "
+                                 f"{4 * start_frames - 3} still frames; use at least {4 * start_frames + 1}")
+            arguments["latent_frames"] -= start_frames
+            arguments["prompt_switches"] = [PromptSwitch(max(0, s.block - start_frames // 3), s.prompt)
+                                            for s in arguments["prompt_switches"]]
+        video = generate_video(**arguments, prefill=start, guide=KeyframeGuide(keys, method, ramp_frames),
+                               on_block=block_reporter(blocks_for(arguments["latent_frames"])))
+        return sampler_output(video)
+
+
+NODES = [SelfForcingKeyframeSampler, SelfForcingKeyframe]
