@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .fp8 import holds_float8, load_fp8_weights, split_fp8_scales
 from .model import CausalWanModel, WanConfig
 
 OFFICIAL_ENTRIES = ("generator_ema", "generator", "model")  # preference order inside a .pt dict
@@ -138,14 +139,18 @@ def verify_state_dict(model: torch.nn.Module, state_dict: dict, layout: str):
 
 
 def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device="cpu",
-                   num_heads: int | None = None, head_dim: int = 128, text_len: int = 512) -> CausalWanModel:
+                   num_heads: int | None = None, head_dim: int = 128, text_len: int = 512,
+                   fp8: str = "off", fp8_granularity: str = "tensor") -> CausalWanModel:
     """Build a ``CausalWanModel`` from a checkpoint file or state dict in any supported layout.
 
-    dtype: "auto" (keep the file's floating dtype), "fp32", "bf16", "fp16" or a torch dtype.
+    dtype: "auto" (keep the file's floating dtype; bf16 for float8 files), "fp32", "bf16", "fp16"
+    or a torch dtype: the compute dtype. fp8: "off", "e4m3fn" or "e5m2" stores the block linears
+    in float8 (see ``fp8.py``; FP8 files, e.g. ComfyUI scaled-fp8, are accepted either way).
     The config is inferred from the weights (``WanConfig.from_state_dict``).
     """
     state_dict = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_tensors(path_or_state_dict)
     state_dict, layout = to_wan_names(state_dict)
+    state_dict, fp8_scales = split_fp8_scales(state_dict)
     try:
         cfg = WanConfig.from_state_dict(state_dict, head_dim=head_dim, num_heads=num_heads, text_len=text_len)
     except KeyError as error:
@@ -157,7 +162,10 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
     with torch.device("meta"):
         model = CausalWanModel(cfg)
     verify_state_dict(model, state_dict, layout)
-    model.load_state_dict({k: v.to(target) for k, v in state_dict.items()}, strict=True, assign=True)
+    if fp8 != "off" or fp8_scales or holds_float8(state_dict):
+        load_fp8_weights(model, state_dict, fp8_scales, fp8, fp8_granularity, target)
+    else:
+        model.load_state_dict({k: v.to(target) for k, v in state_dict.items()}, strict=True, assign=True)
     model.layout = layout
     return model.to(device).eval().requires_grad_(False)
 
