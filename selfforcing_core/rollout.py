@@ -101,13 +101,16 @@ def denoise_block(model: CausalWanModel, schedule: FlowMatchSchedule, timesteps:
 
 
 def write_clean_context(model: CausalWanModel, clean: torch.Tensor, prompt: torch.Tensor, kv_cache,
-                        start_frame: int):
-    """Run the model at t = 0 on clean frames [B, F, C, H, W] so the cache holds their clean keys/values."""
-    t_zero = torch.zeros(clean.shape[:2], device=clean.device)
-    model(clean.transpose(1, 2), t_zero, prompt, kv_cache=kv_cache, start_frame=start_frame)
+                        start_frame: int, timestep: float = 0.0):
+    """Run the model on clean frames [B, F, C, H, W] so the cache holds their keys/values.
+
+    timestep: the t the frames are labelled with (0 = clean; the official ``context_noise``).
+    """
+    t_context = torch.full(clean.shape[:2], float(timestep), device=clean.device)
+    model(clean.transpose(1, 2), t_context, prompt, kv_cache=kv_cache, start_frame=start_frame)
 
 
-def recache_prompt(model: CausalWanModel, state: RolloutState):
+def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
     """Prompt switch: re-project the new prompt and re-encode the cached clean frames under it.
 
     The frames still in the cache (sink first, then the most recent ones) are replayed at t = 0 in
@@ -126,7 +129,7 @@ def recache_prompt(model: CausalWanModel, state: RolloutState):
     with torch.no_grad():
         for group in groups:
             clean = torch.stack([state.clean_frames[f] for f in group], dim=1)
-            write_clean_context(model, clean, state.prompt, cache, group[0])
+            write_clean_context(model, clean, state.prompt, cache, group[0], context_timestep)
 
 
 def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
@@ -135,7 +138,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                   kv_window_frames: int | None = None, sink_frames: int = 0, prefill: torch.Tensor | None = None,
                   prompt_switches: list[PromptSwitch] = (), frames_per_block: int = 3,
                   callback: Callable[[dict], None] | None = None, batch_size: int = 1,
-                  kv_cache=None, guide: BlockGuide | None = None) -> Iterator[torch.Tensor]:
+                  kv_cache=None, guide: BlockGuide | None = None,
+                  context_timestep: float = 0.0) -> Iterator[torch.Tensor]:
     """Yield each block's clean latents [B, frames_per_block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
@@ -148,6 +152,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     caches are re-encoded, see ``recache_prompt``). callback: called after every block with
     ``{"block", "num_blocks", "start_frame", "latents", "state"}``; it may raise to stop the stream.
     guide: a ``BlockGuide`` whose hooks run around each block and on each step's x0 (keyframes).
+    context_timestep: t of the clean-context pass after each block (0, as released; the official
+    ``context_noise`` knob).
     """
     schedule = schedule or FlowMatchSchedule(5.0)
     guide = guide or BlockGuide()
@@ -186,14 +192,14 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
             start_frame = prefill_frames + block * frames_per_block
             if block in switches:
                 state.prompt = switches.pop(block).to(device)
-                recache_prompt(model, state)
+                recache_prompt(model, state, context_timestep)
             shape = (batch_size, frames_per_block, channels, height, width)
             x = noise.block_noise(block, block * frames_per_block, shape, dtype, device)
             guide.before_block(model, state, start_frame, frames_per_block)
             clean = denoise_block(model, schedule, timesteps, x, state.prompt, kv_cache, start_frame,
                                   lambda step: noise.step_noise(block, step, shape, dtype, device),
                                   lambda step, x0: guide.guide_x0(start_frame, step, x0))
-            write_clean_context(model, clean, state.prompt, kv_cache, start_frame)
+            write_clean_context(model, clean, state.prompt, kv_cache, start_frame, context_timestep)
             guide.after_block(model, state, start_frame)
             remember(clean, start_frame)
             if callback is not None:

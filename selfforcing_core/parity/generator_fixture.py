@@ -14,6 +14,7 @@ from . import Comparison, compare
 from ..checkpoint import load_generator
 from ..model import WanConfig
 from ..rollout import NoiseSource, sample_video
+from ..schedule import FlowMatchSchedule
 
 
 def detect(root: Path) -> bool:
@@ -50,6 +51,8 @@ def run_case(model, case: Path) -> tuple[torch.Tensor, object]:
         model, inputs["prompt_embeds"], config["num_blocks"], tuple(noise.shape[2:]),
         noise=NoiseSource(initial=noise, renoise=inputs["renoise"]),
         timesteps=inputs["denoising_step_list"],
+        schedule=FlowMatchSchedule(config.get("timestep_shift", 5.0)),
+        context_timestep=config.get("context_noise", 0),
         kv_window_frames=None if window == -1 else window,
         sink_frames=config.get("sink_size", 0),
         prefill=prefill,
