@@ -13,3 +13,9 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 .venv/bin/python scripts/setup_host.py || true  # on failure the host tests skip, saying why
+# Headless Chromium for the workflow browser tests (Debian's package; playwright only drives it).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "setup: could not install chromium; the browser tests will skip" >&2
+fi

@@ -1,0 +1,115 @@
+"""The shared workflows (workflows/*.json) in the host's own frontend, in headless Chromium.
+
+Each file is opened through the frontend's file-open path and must show no missing node, no node
+in error and no dialog or alert; the frontend turns it into a prompt (app.graphToPrompt), the
+tiny test models are swapped in, the prompt runs through POST /prompt and its videos are checked.
+
+Swapping in the tiny models (the real ones are gigabytes): the generator file name is pointed at
+the tiny generator; the decoder and VAE files exist under their real names (tiny weights in the
+real layouts); each umT5 branch (CLIPLoader + CLIP Text Encode) becomes Load Prompt Embeddings of
+a tiny embedding file, because no umT5 small enough for a test loads in the host (its config is
+fixed at the XXL size); video sizes shrink to 64x48 and frame counts in proportion.
+
+Screenshots of the opened workflows go to $SF_SCREENSHOT_DIR (default: a temporary folder);
+`workflows/generate.py` makes the thumbnails the same way.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+from frontend import Frontend, chromium_or_skip
+from test_nodes_e2e import server, video_frames  # noqa: F401  (server: tiny models in the host's folders)
+
+pytestmark = pytest.mark.host
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
+TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors"}
+TINY_PROMPTS = ["cat.safetensors", "dog.safetensors"]
+TINY_WIDTH, TINY_HEIGHT = 64, 48
+
+
+@pytest.fixture(scope="module")
+def frontend(server):  # noqa: F811
+    chromium_or_skip()
+    with Frontend(server) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def screenshot_dir(tmp_path_factory):
+    folder = Path(os.environ.get("SF_SCREENSHOT_DIR") or tmp_path_factory.mktemp("workflow-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nworkflow screenshots in {folder}")
+    return folder
+
+
+def tiny_length(length: int) -> int:
+    """Pixel frames (4n + 1) of the tiny run: 25 for a clip up to 81 frames, else 37."""
+    return 25 if length <= 81 else 37
+
+
+def swap_in_tiny_models(prompt: dict) -> dict:
+    """The frontend's API prompt with tiny models, prompt embeddings and sizes (see module docstring);
+    returns {SaveVideo node id: expected frame count}."""
+    encoders = sorted(node_id for node_id, node in prompt.items() if node["class_type"] == "CLIPTextEncode")
+    for index, node_id in enumerate(encoders):
+        prompt[node_id] = {"class_type": "SelfForcingLoadPromptEmbeddings",
+                           "inputs": {"embeddings": TINY_PROMPTS[index % len(TINY_PROMPTS)]}}
+    for node_id in [i for i, node in prompt.items() if node["class_type"] == "CLIPLoader"]:
+        del prompt[node_id]
+    lengths = {}
+    for node_id, node in prompt.items():
+        inputs = node["inputs"]
+        for name, value in inputs.items():
+            if isinstance(value, str) and value in TINY_FILES:
+                inputs[name] = TINY_FILES[value]
+        if node["class_type"].startswith("SelfForcing") and "length" in inputs and "width" in inputs:
+            scale = (tiny_length(inputs["length"]) - 1) / (inputs["length"] - 1)
+            inputs.update(width=TINY_WIDTH, height=TINY_HEIGHT, length=tiny_length(inputs["length"]))
+            lengths[node_id] = inputs["length"]
+            if inputs.get("kv_window_frames"):
+                inputs["kv_window_frames"] = 6
+            for switch in schedule_nodes(prompt, inputs.get("prompt_schedule")):
+                switch["start_frame"] = 1 + round((switch["start_frame"] - 1) * scale)
+    return {node_id: lengths[source_sampler(prompt, node_id)]
+            for node_id, node in prompt.items() if node["class_type"] == "SaveVideo"}
+
+
+def schedule_nodes(prompt, link):
+    """Inputs of every Prompt Schedule node chained into a sampler's prompt_schedule link."""
+    while link:
+        inputs = prompt[link[0]]["inputs"]
+        yield inputs
+        link = inputs.get("prompt_schedule")
+
+
+def source_sampler(prompt, node_id):
+    """The sampler a SaveVideo's frames come from (following the first link of each node upstream)."""
+    while "width" not in prompt[node_id]["inputs"]:
+        node_id = next(v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list))
+    return node_id
+
+
+def test_there_are_workflows_to_check():
+    assert len(WORKFLOW_FILES) >= 3, f"expected the shared workflows in {WORKFLOWS}"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda path: path.stem)
+def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screenshot_dir):  # noqa: F811
+    report = frontend.open_workflow(path.read_text(), path.name)
+    assert report["node_types"], f"{path.name} opened no nodes"
+    assert report["unregistered"] == [], f"node types the host does not know: {report['unregistered']}"
+    assert report["errors"] == [], f"nodes in error: {report['errors']}"
+    assert report["dialogs"] == [] and report["alerts"] == [], f"the frontend complained: {report}"
+    frontend.screenshot(screenshot_dir / f"{path.stem}.jpg")
+
+    prompt = frontend.graph_to_prompt()
+    expected_frames = swap_in_tiny_models(prompt)
+    assert expected_frames, f"{path.name} saves no video"
+    entry = server.run(prompt, timeout=300)
+    for node_id, frames in expected_frames.items():
+        saved = entry["outputs"][node_id]["images"][0]
+        video = video_frames(server.output_dir / saved["subfolder"] / saved["filename"])
+        assert len(video) == frames and video[0].shape == (TINY_HEIGHT, TINY_WIDTH, 3)

@@ -1,0 +1,160 @@
+"""Regenerate the shared workflows (`*.json`, UI format) and their `.jpg` thumbnails.
+
+    .venv/bin/python workflows/generate.py [NAME ...]
+
+Starts the real ComfyUI host with this pack (tests/comfy_host.py), builds every graph below in
+its own frontend inside headless Chromium (nodes made by LiteGraph, widgets set by name, saved
+the way the frontend's Export does), then opens each saved file through the frontend's
+file-open path and screenshots it as the thumbnail. Run it after changing a node's inputs.
+A workflow whose nodes the host does not list is skipped with a message.
+"""
+import sys
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parent
+sys.path.insert(0, str(WORKFLOWS.parent / "tests"))
+
+SELF_FORCING = "https://huggingface.co/gdhe17/Self-Forcing"
+WAN_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
+TAEHV = "https://github.com/madebyollin/taehv"
+DOWNLOADS = {
+    "generator": f"models/diffusion_models/self_forcing_dmd.pt\n  <- {SELF_FORCING}  (file checkpoints/self_forcing_dmd.pt)",
+    "text_encoder": f"models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n  <- {WAN_REPACKAGED}  "
+                    "(split_files/text_encoders/)",
+    "taehv": f"models/vae_approx/taew2_1.safetensors (or taew2_1.pth)\n  <- {TAEHV}",
+    "wan_vae": f"models/vae/wan_2.1_vae.safetensors\n  <- {WAN_REPACKAGED}  (split_files/vae/)",
+}
+NOTE_COLOR = ("#432", "#653")
+PROMPTS = [
+    "A red fox trots through fresh snow in a quiet pine forest at dawn, soft golden light, "
+    "breath visible in the cold air, the camera follows at the fox's height.",
+    "The fox stops at the edge of a frozen lake and looks across the ice as the sun rises over the "
+    "mountains, mist drifting over the shore.",
+    "Snow starts to fall; the fox curls up under a fallen tree, the camera slowly pulls back to show "
+    "the whole snowy valley.",
+]
+
+
+def note(text, downloads):
+    """The host's Note node: what the workflow does and which files go where."""
+    files = "\n".join(f"- {DOWNLOADS[name]}" for name in downloads)
+    return {"key": "note", "type": "Note", "column": 0, "title": "Read me: models to download",
+            "size": [460, 360], "color": NOTE_COLOR,
+            "widgets": {"text": f"{text}\n\nModel files (into your ComfyUI folder):\n{files}\n\n"
+                                "Refresh the browser (or press R) after adding files."}}
+
+
+def text_encoder():
+    return [{"key": "clip", "type": "CLIPLoader", "column": 1,
+             "widgets": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}}]
+
+
+def prompt(key, text, column=2):
+    return {"key": key, "type": "CLIPTextEncode", "column": column, "title": f"Prompt ({key})",
+            "size": [420, 160], "widgets": {"text": text}}
+
+
+def model_loader():
+    return {"key": "model", "type": "SelfForcingModelLoader", "column": 1,
+            "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto", "device": "default"}}
+
+
+def taehv_loader():
+    return {"key": "decoder", "type": "SelfForcingDecoderLoader", "column": 1,
+            "widgets": {"decoder_name": "vae_approx/taew2_1.safetensors", "dtype": "fp32"}}
+
+
+def sampler(length=81, kv_window_frames=0, sink_frames=0):
+    return {"key": "sampler", "type": "SelfForcingStreamingSampler", "column": 3,
+            "widgets": {"width": 832, "height": 480, "length": length, "seed": 0, "control_after_generate": "fixed",
+                        "kv_window_frames": kv_window_frames, "sink_frames": sink_frames}}
+
+
+def video_out(prefix):
+    return [{"key": "video", "type": "CreateVideo", "column": 4, "widgets": {"fps": 16.0}},
+            {"key": "save", "type": "SaveVideo", "column": 4,
+             "widgets": {"filename_prefix": f"self_forcing/{prefix}", "format": "mp4", "codec": "h264"}}]
+
+
+SAMPLER_LINKS = [["clip", "CLIP", "positive", "clip"], ["model", "model", "sampler", "model"],
+                 ["positive", "CONDITIONING", "sampler", "positive"]]
+VIDEO_LINKS = [["video", "VIDEO", "save", "video"]]
+
+SPECS = {
+    "text_to_video_streaming": {
+        "nodes": [note("Text to video, streaming: the umT5 prompt drives the causal generator block by "
+                       "block (12 frames each); TAEHV decodes every block while the next one is generated "
+                       "and shows it as a live preview.", ["generator", "text_encoder", "taehv"]),
+                  *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[0]), sampler(),
+                  *video_out("text_to_video")],
+        "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "long_video_prompt_schedule": {
+        "nodes": [note("Long video with a prompt schedule (storyboard / live stream): 241 frames (15 s). "
+                       "A rolling KV cache of 21 latent frames with a 3-frame sink keeps memory flat for any "
+                       "length. Each Prompt Schedule node switches to its prompt at its start frame; the "
+                       "cache is re-encoded so the scene carries on. Chain more for longer stories.",
+                       ["generator", "text_encoder", "taehv"]),
+                  *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[0]),
+                  prompt("second", PROMPTS[1]), prompt("third", PROMPTS[2]),
+                  {"key": "switch_1", "type": "SelfForcingPromptSchedule", "column": 3,
+                   "title": "Second prompt from frame 81", "widgets": {"start_frame": 81}},
+                  {"key": "switch_2", "type": "SelfForcingPromptSchedule", "column": 3,
+                   "title": "Third prompt from frame 161", "widgets": {"start_frame": 161}},
+                  {**sampler(length=241, kv_window_frames=21, sink_frames=3), "column": 4},
+                  *[{**node, "column": 5} for node in video_out("long_video")]],
+        "links": [*SAMPLER_LINKS, ["clip", "CLIP", "second", "clip"], ["clip", "CLIP", "third", "clip"],
+                  ["second", "CONDITIONING", "switch_1", "conditioning"],
+                  ["third", "CONDITIONING", "switch_2", "conditioning"],
+                  ["switch_1", "prompt_schedule", "switch_2", "prompt_schedule"],
+                  ["switch_2", "prompt_schedule", "sampler", "prompt_schedule"],
+                  ["decoder", "decoder", "sampler", "decoder"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "quality_decode_wan_vae": {
+        "nodes": [note("Quality decode: the sampler's LATENT (raw Wan 2.1 space) goes through ComfyUI's own "
+                       "Load VAE + VAE Decode with the full Wan 2.1 VAE. Slower than TAEHV, full quality. "
+                       "For live previews while sampling, also connect a Load Streaming Decoder (TAEHV).",
+                       ["generator", "text_encoder", "wan_vae"]),
+                  *text_encoder(), model_loader(),
+                  {"key": "vae", "type": "VAELoader", "column": 1, "widgets": {"vae_name": "wan_2.1_vae.safetensors"}},
+                  prompt("positive", PROMPTS[0]), sampler(),
+                  {"key": "vae_decode", "type": "VAEDecode", "column": 4},
+                  *[{**node, "column": 5} for node in video_out("quality_decode")]],
+        "links": [*SAMPLER_LINKS, ["sampler", "latent", "vae_decode", "samples"], ["vae", "VAE", "vae_decode", "vae"],
+                  ["vae_decode", "IMAGE", "video", "images"], *VIDEO_LINKS],
+    },
+}
+
+
+def main(names):
+    from comfy_host import ComfyServer
+    from comfy_paths import comfyui_root
+    from frontend import Frontend
+
+    root = comfyui_root()
+    if root is None:
+        sys.exit("no ComfyUI host: run `.venv/bin/python scripts/setup_host.py` or set COMFYUI_PATH")
+    server = ComfyServer(root).start()
+    try:
+        with Frontend(server) as frontend:
+            for name in names or SPECS:
+                spec = SPECS[name]
+                missing = sorted({node["type"] for node in spec["nodes"] if not frontend.registered(node["type"])})
+                if missing:
+                    print(f"skipped {name}: the host has no {', '.join(missing)}")
+                    continue
+                text = frontend.build(spec)
+                (WORKFLOWS / f"{name}.json").write_text(text)
+                report = frontend.open_workflow(text, f"{name}.json")
+                if any(report[problem] for problem in ("unregistered", "errors", "dialogs", "alerts")):
+                    sys.exit(f"{name} does not open cleanly: {report}")
+                frontend.screenshot(WORKFLOWS / f"{name}.jpg")
+                print(f"wrote {name}.json and {name}.jpg ({len(report['node_types'])} nodes)")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
