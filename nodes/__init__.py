@@ -4,9 +4,9 @@ Each module here lists its node classes in `NODES`; `NODE_MODULES` collects the 
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import keyframes, loaders, prompt_embeddings, sampler
+from . import keyframes, loaders, prompt_embeddings, sampler, trainer
 
-NODE_MODULES = [loaders, sampler, keyframes, prompt_embeddings]
+NODE_MODULES = [loaders, sampler, keyframes, prompt_embeddings, trainer]
 
 
 class SelfForcingExtension(ComfyExtension):

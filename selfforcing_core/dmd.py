@@ -46,6 +46,12 @@ def enable_gradient_checkpointing(model: CausalWanModel):
         block.forward = forward
 
 
+def disable_gradient_checkpointing(model: CausalWanModel):
+    """Undo ``enable_gradient_checkpointing``."""
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)
+
+
 def dmd_timesteps(batch: int, generator: torch.Generator, shift: float = 5.0,
                   min_t: float = 20.0, max_t: float = 980.0) -> torch.Tensor:
     """DMD noise levels: integer t ~ U{0..999}, shifted like the schedule, clamped. -> [batch] float32."""

@@ -116,6 +116,13 @@ def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float | None =
     return names
 
 
+def remove_lora(model: nn.Module):
+    """Put every wrapped linear back in place, dropping all adapters (the model is as before injection)."""
+    for name in lora_layers(model):
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, getattr(parent, attr).base)
+
+
 def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
     """The trainable tensors of one adapter, ``{"<module>.down": ..., "<module>.up": ...}`` in a fixed order."""
     params = {}

@@ -17,12 +17,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import dmd
 from .atomic import save_torch
-from .lora import DEFAULT_TARGETS, active_adapter, adapter_parameters, inject_lora, save_lora
+from .lora import DEFAULT_TARGETS, active_adapter, adapter_parameters, inject_lora, remove_lora, save_lora
 from .model import CausalWanModel
 from .rollout import NoiseSource
 from .schedule import DEFAULT_STEPS, FlowMatchSchedule
@@ -110,6 +111,10 @@ class Trainer:
         self.device = model.patch_embedding.weight.device
         self.schedule = FlowMatchSchedule(cfg.timestep_shift)
         self.timesteps = self.schedule.warp(cfg.denoising_steps)
+        for module in model.modules():  # weights made under torch.inference_mode (as in ComfyUI) cannot
+            for name, p in module._parameters.items():  # take part in autograd: re-create them as normal tensors
+                if p is not None and p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
         model.requires_grad_(False)
         self.params, self.optimizers = {}, {}
         lrs = {dmd.GENERATOR: cfg.generator_lr, dmd.FAKE: cfg.critic_lr, dmd.REAL: cfg.real_lr}
@@ -262,6 +267,12 @@ class Trainer:
                     raise
         return self.history
 
+    def close(self):
+        """Give the model back as it came: adapters removed, checkpointing off, eval mode."""
+        remove_lora(self.model)
+        dmd.disable_gradient_checkpointing(self.model)
+        self.model.eval()
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -309,11 +320,23 @@ class Trainer:
         save_lora(self.model, dmd.GENERATOR, path, params=params, metadata=metadata)
 
 
-def loss_curves(history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
-    """{loss name: (steps, values)} of the recorded losses (NaN-free, skipped steps left out)."""
-    curves = {}
-    for name in ("generator", "critic", "real"):
+def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -> torch.Tensor:
+    """Plot the recorded losses, each curve scaled to its own range (labelled with min/max).
+
+    Returns an RGB image [height, width, 3] float in [0, 1] (ComfyUI IMAGE layout without batch).
+    """
+    from PIL import Image, ImageDraw
+    colours = {"generator": (220, 60, 60), "critic": (60, 120, 220), "real": (40, 160, 80)}
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    last_step = max([r["step"] for r in history] + [1])
+    for row, (name, colour) in enumerate(colours.items()):
         points = [(r["step"], r[name]) for r in history if r.get(name) is not None and math.isfinite(r[name])]
-        if points:
-            curves[name] = ([s for s, _ in points], [v for _, v in points])
-    return curves
+        if not points:
+            continue
+        low, high = min(v for _, v in points), max(v for _, v in points)
+        span = (high - low) or 1.0
+        xy = [(10 + (width - 20) * s / last_step, height - 10 - (height - 40) * (v - low) / span) for s, v in points]
+        draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=2)
+        draw.text((10, 4 + 10 * row), f"{name}: {low:.4g} .. {high:.4g} (last {points[-1][1]:.4g})", fill=colour)
+    return torch.from_numpy(np.array(image)).float() / 255

@@ -15,7 +15,7 @@ from selfforcing_core.clips import prepare_clips
 from selfforcing_core.lora import active_adapter, adapter_parameters
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, sample_video
-from selfforcing_core.trainer import CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig
+from selfforcing_core.trainer import CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig, loss_curve_image
 from test_clips import fake_encoder
 
 torch.set_num_threads(1)
@@ -169,3 +169,18 @@ def test_training_moves_the_generator_toward_the_clips():
     moved, drift = curve[-1] - curve[0], abs(control[-1] - control[0])
     assert moved > 0.5 * (target - curve[0])  # more than half-way to the clips' mean
     assert moved > 10 * max(noise, drift)
+
+
+def test_close_gives_the_model_back_unchanged_and_the_loss_image_is_drawn():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():  # as a host that loads models under inference mode
+        data = tiny_data()
+    trainer = Trainer(model, data, small_config(steps=2))
+    trainer.run()
+    image = loss_curve_image(trainer.history)
+    trainer.close()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in block.__dict__ for block in model.blocks)
+    assert image.shape == (360, 640, 3) and image.min() < 0.5 < image.max()

@@ -1,0 +1,143 @@
+"""Self-Forcing Training Clips and Self-Forcing Trainer: fine-tune the generator on your own clips.
+
+Training state lives in ``output/self_forcing_training/<lora_name>/`` (encoded clip cache and
+the resumable ``checkpoint.pt``); the finished LoRA goes to the host's ``loras`` folder.
+"""
+import hashlib
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..selfforcing_core.clips import prepare_clips, video_frames_for
+from ..selfforcing_core.trainer import Trainer, TrainConfig, loss_curve_image
+from .common import CATEGORY, SelfForcingModel, StreamingDecoder, prompt_tensor
+
+TrainingClips = io.Custom("SELFFORCING_TRAINING_CLIPS")
+TRAINING_FOLDER = "self_forcing_training"
+log = logging.getLogger(__name__)
+
+
+def training_dir(*parts) -> str:
+    return os.path.join(folder_paths.get_output_directory(), TRAINING_FOLDER, *parts)
+
+
+class SelfForcingTrainingClips(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingTrainingClips",
+            display_name="Self-Forcing Training Clips",
+            category=CATEGORY,
+            description="Reads a folder of clips (mp4/webm/gif or folders of images), cuts them into windows, "
+                        "encodes each window once and caches the latents for the Self-Forcing Trainer.",
+            inputs=[
+                io.String.Input("folder", tooltip="Folder with the clips (absolute, or relative to ComfyUI's input "
+                                "folder). A caption walk.txt beside walk.mp4 is used for that clip."),
+                StreamingDecoder.Input("encoder", tooltip="A Wan 2.1 VAE or TAEHV with encoder, from Load "
+                                       "Streaming Decoder; it turns the clips into latents."),
+                io.Conditioning.Input("prompt", tooltip="Prompt for clips without a caption file."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt of the teacher's guidance "
+                                      "(the standard Wan negative prompt is the usual choice)."),
+                io.Int.Input("width", default=832, min=16, max=2048, step=16, tooltip="Training width (multiple of 16)."),
+                io.Int.Input("height", default=480, min=16, max=2048, step=16, tooltip="Training height (multiple of 16)."),
+                io.Int.Input("length", default=81, min=9, max=1021, step=12,
+                             tooltip="Video frames per training window; 1 + 4*(latent frames), latent frames a "
+                                     "multiple of 3 (9, 21, 33, ... 81 = the paper's 21 latent frames)."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder (umT5) for the caption files; without "
+                              "it every clip uses the prompt."),
+            ],
+            outputs=[TrainingClips.Output(display_name="clips", tooltip="Encoded clip windows for the trainer.")],
+        )
+
+    @classmethod
+    def execute(cls, folder, encoder, prompt, negative, width, height, length, clip=None):
+        latent_frames = (length - 1) // 4 + 1
+        if video_frames_for(latent_frames) != length or latent_frames % 3:
+            raise ValueError(f"length {length} is not 1 + 4*n with n + 1 a multiple of 3; use 9, 21, 33, 45, 57, 69 or 81")
+        path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+        cache = training_dir("clips", hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16])
+
+        def embed_caption(text):
+            return prompt_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(text)), "caption")[0]
+        data = prepare_clips(path, cache, encoder.encode_video, width=width, height=height,
+                             latent_frames=latent_frames, negative=prompt_tensor(negative, "negative")[0],
+                             prompt=prompt_tensor(prompt)[0], embed_caption=embed_caption if clip else None,
+                             encoder_name=type(encoder).__name__)
+        return io.NodeOutput(data, ui={"text": [f"{len(data.names)} windows of {latent_frames} latent frames"]})
+
+
+class SelfForcingTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingTrainer",
+            display_name="Self-Forcing Trainer",
+            category=CATEGORY,
+            description="Self-rollout DMD fine-tuning with LoRA: the generator rolls out clips block by block "
+                        "as at inference and is pulled toward a teacher that has learned your clips. Saves a "
+                        "LoRA for Self-Forcing LoRA; cancel to stop with a resumable checkpoint.",
+            is_output_node=True,
+            inputs=[
+                SelfForcingModel.Input("model", tooltip="The generator from Load Self-Forcing Model (left unchanged)."),
+                TrainingClips.Input("clips", tooltip="From Self-Forcing Training Clips."),
+                io.String.Input("lora_name", default="my_self_forcing_lora",
+                                tooltip="Name of the LoRA file in models/loras and of the run folder."),
+                io.Int.Input("steps", default=600, min=1, max=100000, tooltip="Training iterations (the paper: 600)."),
+                io.Float.Input("generator_lr", default=1e-4, min=0.0, max=1.0, step=1e-6,
+                               tooltip="Learning rate of the generator LoRA."),
+                io.Float.Input("critic_lr", default=1e-4, min=0.0, max=1.0, step=1e-6,
+                               tooltip="Learning rate of the critic (fake score) and clip (real score) LoRAs."),
+                io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of every LoRA."),
+                io.Float.Input("clip_weight", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="Strength of the teacher's clip LoRA; 0 = plain distillation (no pull "
+                                       "toward the clips)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per iteration."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of all training randomness."),
+                io.Int.Input("save_every", default=50, min=1, max=100000, tooltip="Checkpoint interval in steps."),
+                io.Boolean.Input("resume", default=True, tooltip="Continue from the run folder's checkpoint if "
+                                 "there is one (same settings needed)."),
+            ],
+            outputs=[io.String.Output(display_name="lora_path", tooltip="Full path of the saved LoRA."),
+                     io.Image.Output(display_name="loss_curves", tooltip="Generator, critic and clip losses.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight, batch_size,
+                seed, save_every, resume):
+        with torch.inference_mode(False), torch.enable_grad():  # the host runs nodes under inference mode
+            return cls.train(model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight,
+                             batch_size, seed, save_every, resume)
+
+    @classmethod
+    def train(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight, batch_size,
+              seed, save_every, resume):
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lora_rank=lora_rank, generator_lr=generator_lr,
+                          critic_lr=critic_lr, real_lr=critic_lr, real_lora_weight=clip_weight, seed=seed,
+                          save_every=save_every)
+        run_dir = training_dir(lora_name)
+        trainer = Trainer(model, clips, cfg)
+        try:
+            if resume and trainer.resume(run_dir):
+                log.info("Self-Forcing Trainer: resumed %s at step %d", run_dir, trainer.step)
+            progress = comfy.utils.ProgressBar(steps)
+
+            def between_steps(record):
+                progress.update_absolute(record["step"] + 1, steps)
+                losses = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
+                log.info("Self-Forcing Trainer step %d/%d: %s", record["step"] + 1, steps, losses)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+            trainer.run(checkpoint_dir=run_dir, between_steps=between_steps)
+            lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
+            trainer.save_generator_lora(lora_path)
+            curves = loss_curve_image(trainer.history)[None]
+        finally:
+            trainer.close()
+        return io.NodeOutput(lora_path, curves, ui={"text": [f"saved {lora_path} after {trainer.step} steps"]})
+
+
+NODES = [SelfForcingTrainingClips, SelfForcingTrainer]
