@@ -1,0 +1,104 @@
+"""How much device memory a generation needs: weights + KV caches + activations.
+
+The KV window (frames kept in the self-attention cache) is the main dial: at 480x832 each cached
+latent frame costs 2 (k, v) x 30 layers x 1560 tokens x 1536 channels x 2 bytes = 288 MB in bf16.
+Weights are counted from the model built on the meta device (exact for a given config, FP8 and
+offload included). Activations are the peak of the transient tensors of one block call in
+inference (no gradients), assuming a memory-efficient attention kernel (flash / SDPA efficient):
+the larger of the RoPE phase (q and k rotated in float64) and the FFN phase (two
+[tokens, ffn_dim] tensors). Decoders and the text encoder are not included.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .model import CausalWanModel, WanConfig
+
+VAE_STRIDE = 8  # pixels per latent row/column (Wan VAE)
+
+
+@dataclass
+class MemoryEstimate:
+    """Device bytes of one generation."""
+
+    weights: int
+    kv_cache: int  # self-attention keys/values of every layer
+    cross_cache: int  # projected prompt keys/values of every layer
+    activations: int  # peak transient tensors of one block call
+    offloaded_weights: int = 0  # kept in CPU memory by block offload (not counted in total)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.cross_cache + self.activations
+
+    def __str__(self):
+        gib = 2 ** 30
+        return (f"{self.total / gib:.2f} GiB (weights {self.weights / gib:.2f}, KV cache {self.kv_cache / gib:.2f}, "
+                f"text cache {self.cross_cache / gib:.2f}, activations {self.activations / gib:.2f})")
+
+
+def weight_bytes(cfg: WanConfig, dtype: torch.dtype = torch.bfloat16, fp8: str = "off",
+                 fp8_granularity: str = "tensor", offload_blocks: int = 0) -> tuple[int, int]:
+    """(device bytes, offloaded CPU bytes) of the transformer weights.
+
+    With fp8 on, block linear weights take 1 byte each plus a float32 scale per tensor or per
+    output channel; all other tensors (biases included) take ``dtype``.
+    """
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    device_bytes = offloaded = 0
+    for name, tensor in model.named_parameters():
+        quantised = fp8 != "off" and name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2
+        scales = (tensor.shape[0] if fp8_granularity == "channel" else 1) * 4 if quantised else 0
+        size = tensor.numel() * (1 if quantised else itemsize) + scales
+        if name.startswith("blocks.") and int(name.split(".")[1]) < offload_blocks:
+            offloaded += size
+        else:
+            device_bytes += size
+    return device_bytes, offloaded
+
+
+def latent_size(height: int, width: int, cfg: WanConfig) -> tuple[int, int]:
+    """Latent (rows, columns) of a video size in pixels; ValueError unless a multiple of 16."""
+    multiple = VAE_STRIDE * cfg.patch_size[1]
+    if height % multiple or width % multiple:
+        raise ValueError(f"video size {height}x{width} must be a multiple of {multiple} in both directions")
+    return height // VAE_STRIDE, width // VAE_STRIDE
+
+
+def activation_bytes(cfg: WanConfig, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak transient bytes of one block call on ``tokens`` query tokens (batch included).
+
+    RoPE phase (rotating k): residual, modulated input, rotated q, k and rotated k (dtype) plus
+    k in float64 and its rotated float64 copy, plus the complex128 rotation table; FFN phase: residual, modulated input and
+    output (dtype), the float32 modulation temporary, the hidden layer before and after GELU.
+    """
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    rope_phase = tokens * cfg.dim * (5 * itemsize + 2 * 8) + tokens * cfg.head_dim // 2 * 16
+    ffn_phase = tokens * (cfg.dim * (3 * itemsize + 4) + 2 * cfg.ffn_dim * itemsize)
+    return max(rope_phase, ffn_phase)
+
+
+def estimate_memory(cfg: WanConfig, height: int = 480, width: int = 832, kv_window_frames: int | None = None,
+                    num_frames: int = 21, dtype: torch.dtype = torch.bfloat16, fp8: str = "off",
+                    fp8_granularity: str = "tensor", frames_per_block: int = 3, batch_size: int = 1,
+                    offload_blocks: int = 0) -> MemoryEstimate:
+    """Device memory of generating ``num_frames`` latent frames at ``height`` x ``width`` pixels.
+
+    kv_window_frames: rolling cache size in latent frames (sink included), or None for a global
+    cache holding all ``num_frames``. dtype: compute / cache dtype.
+    """
+    latent_h, latent_w = latent_size(height, width, cfg)
+    frame_seqlen = (latent_h // cfg.patch_size[1]) * (latent_w // cfg.patch_size[2])
+    cache_frames = kv_window_frames or num_frames
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    weights, offloaded = weight_bytes(cfg, dtype, fp8, fp8_granularity, offload_blocks)
+    per_token = 2 * cfg.num_layers * batch_size * cfg.dim * itemsize  # k and v of every layer
+    return MemoryEstimate(
+        weights=weights,
+        kv_cache=per_token * cache_frames * frame_seqlen,
+        cross_cache=per_token * cfg.text_len,
+        activations=activation_bytes(cfg, batch_size * frames_per_block * frame_seqlen, dtype),
+        offloaded_weights=offloaded,
+    )

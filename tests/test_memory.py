@@ -1,0 +1,83 @@
+"""Memory estimate: exact for weights and caches, within 10% of the measured activation peak."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from selfforcing_core.checkpoint import load_generator
+from selfforcing_core.memory import activation_bytes, estimate_memory
+from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.offload import offload_blocks
+
+REAL_1P3B = WanConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)  # SPEC 1.1
+TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("fp8, granularity", [("off", "tensor"), ("e4m3fn", "tensor"), ("e5m2", "channel")])
+def test_weight_bytes_equal_loaded_model(fp8, granularity):
+    torch.manual_seed(0)
+    model = load_generator(CausalWanModel(TINY).state_dict(), dtype="fp32", num_heads=2, text_len=16,
+                           fp8=fp8, fp8_granularity=granularity)
+    estimate = estimate_memory(TINY, 64, 64, dtype=torch.float32, fp8=fp8, fp8_granularity=granularity)
+    assert estimate.weights == tensor_bytes(model.state_dict().values())
+
+
+def test_offloaded_weights_leave_the_device_total():
+    torch.manual_seed(0)
+    model = CausalWanModel(TINY)
+    offload_blocks(model, 1, "cpu")
+    estimate = estimate_memory(TINY, 64, 64, dtype=torch.float32, offload_blocks=1)
+    assert estimate.offloaded_weights == tensor_bytes(model.blocks[0].offload.host)
+    assert estimate.weights + estimate.offloaded_weights == tensor_bytes(model.state_dict().values())
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cache_bytes_equal_allocated_cache(window):
+    model = CausalWanModel(TINY).eval()
+    cache = model.new_kv_cache(8, 12, window or 9, rolling=window is not None)
+    with torch.no_grad():
+        model(torch.randn(1, 16, 3, 8, 12), torch.full((1, 3), 500.0), torch.randn(1, 4, 32), kv_cache=cache)
+    estimate = estimate_memory(TINY, 64, 96, kv_window_frames=window, num_frames=9, dtype=torch.float32)
+    assert estimate.kv_cache == tensor_bytes([cache.k, cache.v])
+    assert estimate.cross_cache == tensor_bytes(cache.cross_k + cache.cross_v)
+
+
+def peak_live_bytes(fn) -> int:
+    """Peak of CPU bytes allocated and not yet freed while ``fn`` runs (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dim, ffn_dim", [(512, 512), (256, 1536)])  # RoPE-bound, FFN-bound
+def test_activation_estimate_matches_measured_peak_of_one_block_call(dim, ffn_dim):
+    cfg = WanConfig(dim=dim, ffn_dim=ffn_dim, num_layers=1, num_heads=dim // 128, text_dim=64, text_len=32)
+    model = CausalWanModel(cfg).eval()
+    cache = model.new_kv_cache(20, 20, 6)
+    x, t, prompt = torch.randn(1, 16, 3, 20, 20), torch.full((1, 3), 500.0), torch.randn(1, 32, 64)
+    with torch.no_grad():
+        model(x, t, prompt, kv_cache=cache)  # fills the text cache, as every call after the first
+        measured = peak_live_bytes(lambda: model(x, t, prompt, kv_cache=cache))
+    estimate = activation_bytes(cfg, 3 * 10 * 10, torch.float32)
+    assert abs(measured - estimate) < 0.1 * measured
+
+
+def test_real_model_at_480x832_kv_window_is_the_memory_dial():
+    cfg = REAL_1P3B
+    small, large = (estimate_memory(cfg, 480, 832, kv_window_frames=w) for w in (6, 12))
+    per_frame = 2 * 30 * 1560 * 1536 * 2  # k, v x layers x tokens x channels x bf16 bytes
+    assert large.kv_cache - small.kv_cache == 6 * per_frame
+    assert estimate_memory(cfg, 480, 832).kv_cache == 21 * per_frame  # global cache: 21 frames
+    assert large.weights == small.weights == 2 * 1_418_996_800  # parameter count of SPEC 1.1
+
+
+def test_video_size_must_be_a_multiple_of_16():
+    with pytest.raises(ValueError, match="480x830 must be a multiple of 16"):
+        estimate_memory(REAL_1P3B, 480, 830)
