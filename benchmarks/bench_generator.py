@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
+from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
 from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
 from selfforcing_core.schedule import FlowMatchSchedule  # noqa: E402
 
 CONFIGS = {
     "tiny": WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16),
-    "1.3b": WanConfig(),  # the released Wan2.1-T2V-1.3B architecture, random weights
+    "1.3b": WAN_T2V_1P3B,  # the released architecture, random weights
 }
 
 

@@ -27,10 +27,10 @@ ROPE_MAX_FRAMES = 1024  # length of the RoPE tables: positions 0..1023 per axis
 class WanConfig:
     """Hyper-parameters of a Wan2.1 DiT; ``from_state_dict`` reads them off the weights."""
 
-    dim: int = 1536
-    ffn_dim: int = 8960
-    num_layers: int = 30
-    num_heads: int = 12  # 1.3B: 12 heads of 128; other head counts must be given explicitly
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int  # not stored in checkpoints: dim // 128 in every released Wan2.1 model
     in_dim: int = 16  # latent channels
     out_dim: int = 16
     text_dim: int = 4096  # umT5-XXL width
@@ -86,6 +86,9 @@ class WanConfig:
         if "patch_size" in kwargs:
             kwargs["patch_size"] = tuple(kwargs["patch_size"])
         return cls(**kwargs)
+
+
+WAN_T2V_1P3B = WanConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)  # Self Forcing's base model
 
 
 def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -157,7 +160,9 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k over the full hidden width (before the head split)."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -165,6 +170,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(Projections):
     def forward(self, x, grid, start_frame, rope, layer, kv_cache: KVCache | None, mask):
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
         q = apply_rope(self.norm_q(self.q(x)).view(heads), rope, grid, start_frame)
@@ -175,14 +182,7 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, mask))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(Projections):
     def project_context(self, context):
         """Text keys/values: context [B, text_len, dim] -> two [B, text_len, heads, head_dim]."""
         heads = (*context.shape[:2], self.num_heads, self.head_dim)
