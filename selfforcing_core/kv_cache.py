@@ -110,6 +110,9 @@ class KVCache:
         self.slot_frames = [self.slot_frames[slot] for slot in keep]
         self.plan = None
 
+    # Cache bookkeeping runs eagerly under torch.compile: its Python ints (layer, write plan) would
+    # otherwise be baked into the compiled block graphs and force a recompile per layer and block.
+    @torch.compiler.disable
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values by the current plan and return the valid cache.
 
@@ -135,6 +138,7 @@ class KVCache:
                     torch.cat([v_layer[:, :lo], v.to(v_layer.dtype), v_layer[:, hi:end]], dim=1))
         return k_layer[:, :end], v_layer[:, :end]
 
+    @torch.compiler.disable
     def cross(self, layer: int, project):
         """Cross-attention keys/values of ``layer``, projected by ``project()`` on first use."""
         if self.cross_k[layer] is None:
