@@ -1,9 +1,7 @@
 """Self-Forcing Keyframe Sampler (start image, end image, keyframes between) and Self-Forcing Keyframe."""
 from comfy_api.latest import io
 
-from ..selfforcing_core.keyframes import FIT_MODES, METHODS, KeyframeGuide, prepare_keyframes
-from ..selfforcing_core.rollout import PromptSwitch
-from ..selfforcing_core.streaming import generate_video
+from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
 from ..selfforcing_core.units import blocks_for
 from .common import CATEGORY, StreamingDecoder, block_reporter
 from .sampler import sampler_inputs, sampler_output, sampler_outputs, sampling_arguments, validate_sizes
@@ -87,24 +85,11 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
         if end_image is not None:
             images.append((inputs["length"] - 1, first_image(end_image), end_strength))
         encoder = encoder or inputs.get("decoder")
-        if encoder is None and (images or start_image is not None):
-            raise ValueError("connect an encoder (or a decoder) to encode the keyframe images: "
-                             "Load Streaming Decoder with Wan VAE or TAEHV weights that include the encoder")
-        weight = arguments["model"].patch_embedding.weight
-        start, keys = prepare_keyframes(
-            encoder.encode_video if encoder is not None else None, arguments["latent_hw"],
-            arguments["latent_frames"], None if start_image is None else first_image(start_image), images,
-            image_fit, batch_size=arguments["prompt"].shape[0], device=weight.device, dtype=weight.dtype)
-        if start is not None:  # the start block is part of the requested length
-            start_frames = start.shape[1]
-            if arguments["latent_frames"] <= start_frames:
-                raise ValueError(f"length {inputs['length']} leaves no frames after the start image's "
-                                 f"{4 * start_frames - 3} still frames; use at least {4 * start_frames + 1}")
-            arguments["latent_frames"] -= start_frames
-            arguments["prompt_switches"] = [PromptSwitch(max(0, s.block - start_frames // 3), s.prompt)
-                                            for s in arguments["prompt_switches"]]
-        video = generate_video(**arguments, prefill=start, guide=KeyframeGuide(keys, method, ramp_frames),
-                               on_block=block_reporter(blocks_for(arguments["latent_frames"])))
+        video = generate_keyframed_video(
+            **arguments, encode=encoder.encode_video if encoder is not None else None,
+            start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
+            fit=image_fit, method=method, ramp_frames=ramp_frames,
+            on_block=block_reporter(blocks_for(arguments["latent_frames"])))
         return sampler_output(video)
 
 

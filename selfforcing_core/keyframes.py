@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .model import CausalWanModel
-from .rollout import BlockGuide, NoiseSource, RolloutState, stream_blocks
+from .rollout import BlockGuide, NoiseSource, PromptSwitch, RolloutState, stream_blocks
+from .streaming import GeneratedVideo, generate_video
 from .units import SPATIAL_FACTOR, latent_frame_of, video_frames_for
 
 METHODS = ("guidance", "anchor")
@@ -249,3 +250,32 @@ def stream_keyframes(model: CausalWanModel, prompt: torch.Tensor, num_blocks: in
         yield start
     yield from stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise, prefill=start,
                              frames_per_block=frames_per_block, guide=guide, **stream_kwargs)
+
+
+def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent_frames: int,
+                             latent_hw: tuple[int, int], *, encode: Encoder | None,
+                             start_image: torch.Tensor | None = None, keyframe_images=(), fit: str = "crop",
+                             method: str = "guidance", ramp_frames: int = 5, prompt_switches=(),
+                             frames_per_block: int = 3, **generate_kwargs) -> GeneratedVideo:
+    """``streaming.generate_video`` steered by a start image and keyframes (the keyframe sampler).
+
+    latent_frames counts the whole clip, start block included; keyframe times (pixel frames) and
+    the blocks of ``prompt_switches`` count from the clip's start too. Images as in
+    ``prepare_keyframes``; ``encode`` is needed when there are any. Other arguments go to
+    ``generate_video``.
+    """
+    if encode is None and (start_image is not None or keyframe_images):
+        raise ValueError("keyframe images need an encoder: connect Load Streaming Decoder with Wan VAE or "
+                         "TAEHV weights that include the encoder")
+    weight = model.patch_embedding.weight
+    start, keyframes = prepare_keyframes(encode, latent_hw, latent_frames, start_image, keyframe_images, fit,
+                                         frames_per_block, prompt.shape[0], weight.device, weight.dtype)
+    start_frames = 0 if start is None else start.shape[1]
+    if latent_frames <= start_frames:
+        raise ValueError(f"the clip is only {video_frames_for(latent_frames)} frames, which the start image's "
+                         f"still block fills; make it at least {video_frames_for(start_frames + 1)} frames long")
+    start_blocks = start_frames // frames_per_block
+    switches = [PromptSwitch(max(0, switch.block - start_blocks), switch.prompt) for switch in prompt_switches]
+    return generate_video(model, prompt, latent_frames - start_frames, latent_hw, prefill=start,
+                          guide=KeyframeGuide(keyframes, method, ramp_frames), prompt_switches=switches,
+                          frames_per_block=frames_per_block, **generate_kwargs)

@@ -4,6 +4,7 @@ import torch
 
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes, encode_still, fit_images,
+                                        generate_keyframed_video,
                                         keyframe_from_image, pixel_to_latent_frame, prepare_keyframes, start_block,
                                         stream_keyframes)
 from selfforcing_core.latents import load_codec
@@ -167,3 +168,27 @@ def test_prepare_keyframes_fits_encodes_and_checks_images(taehv):
         prepare_keyframes(taehv.encode_video, LATENT[1:], 12, keyframe_images=[(45, small, 1.0)])
     with pytest.raises(ValueError, match="start image's block"):
         prepare_keyframes(taehv.encode_video, LATENT[1:], 12, start_image=small, keyframe_images=[(8, small, 1.0)])
+
+
+def test_keyframed_video_counts_time_from_the_clip_start(model, taehv):
+    """The sampler's entry point: length and prompt-switch blocks include the start block; the
+    start block is the clip's first block and the end keyframe lands on the last frame."""
+    prompt, other = tiny_prompt(1), tiny_prompt(2)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    end = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    video = generate_keyframed_video(model, prompt, 9, (8, 8), encode=taehv.encode_video, start_image=image,
+                                     keyframe_images=[(32, end, 1.0)], seed=0,
+                                     prompt_switches=[PromptSwitch(2, other)])
+    start = encode_still(taehv.encode_video, image, 3)
+    assert video.latents.shape == (1, 9, 16, 8, 8)
+    torch.testing.assert_close(video.latents[:, :3], start)
+    torch.testing.assert_close(video.latents[:, 8], encode_still(taehv.encode_video, end, 2)[:, 1])
+    # The switch at clip block 2 is generated block 1: block 1 of the clip uses the first prompt.
+    unswitched = generate_keyframed_video(model, prompt, 9, (8, 8), encode=taehv.encode_video, start_image=image,
+                                          keyframe_images=[(32, end, 1.0)], seed=0)
+    torch.testing.assert_close(video.latents[:, :6], unswitched.latents[:, :6])
+    assert not torch.allclose(video.latents[:, 6:8], unswitched.latents[:, 6:8])
+    with pytest.raises(ValueError, match="still block fills"):
+        generate_keyframed_video(model, prompt, 3, (8, 8), encode=taehv.encode_video, start_image=image, seed=0)
+    with pytest.raises(ValueError, match="need an encoder"):
+        generate_keyframed_video(model, prompt, 9, (8, 8), encode=None, start_image=image, seed=0)
