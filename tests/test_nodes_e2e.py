@@ -1,6 +1,9 @@
 """The sampler, loader and decoder nodes end to end in a real ComfyUI server (POST /prompt)."""
-import threading
+import asyncio
+import json
+import struct
 import time
+import uuid
 
 import av
 import pytest
@@ -70,6 +73,34 @@ def test_streaming_sampler_to_mp4_has_the_requested_frames_and_size(server):
     entry = server.run(sampler_graph(width=64, height=48, length=25), timeout=300)
     frames = video_frames(saved_video(server, entry))
     assert len(frames) == 25 and frames[0].shape == (48, 64, 3)
+
+
+def test_progress_and_a_preview_reach_the_ui_after_every_block(server):
+    """What the browser sees over the websocket: one progress step and one preview image per block."""
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    graph = sampler_graph(length=25)  # 7 latent frames = 3 blocks
+
+    async def watch():
+        url = f"http://127.0.0.1:{server.port}/ws?clientId={client_id}"
+        progress, previews = [], []
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
+            await asyncio.to_thread(server.post, "/prompt", {"prompt": graph, "client_id": client_id})
+            async for message in socket:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    previews.append(struct.unpack(">I", message.data[:4])[0])
+                    continue
+                event = json.loads(message.data)
+                if event["type"] == "progress" and event["data"]["node"] == "4":
+                    progress.append((event["data"]["value"], event["data"]["max"]))
+                if event["type"] in ("execution_success", "execution_error"):
+                    return event["type"], progress, previews
+
+    outcome, progress, previews = asyncio.run(asyncio.wait_for(watch(), 300))
+    assert outcome == "execution_success"
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert previews.count(1) >= 3  # BinaryEventTypes.PREVIEW_IMAGE (JPEG bytes)
 
 
 def test_sampler_latent_decodes_with_the_hosts_own_vae_decode(server):
