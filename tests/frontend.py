@@ -9,6 +9,7 @@
 Never downloads a browser: it uses /usr/bin/chromium, with a fresh profile per session, and
 every request that does not go to the local server is refused.
 """
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,9 +69,12 @@ BUILD_JS = """async (spec) => {
   return JSON.stringify((await app.graphToPrompt()).workflow, null, 2);
 }"""
 
-# The file-open / drag-and-drop path, then what a user would see: node types the host does not
+# Model and input lists refreshed (the R key), the file-open / drag-and-drop path, then what a user would see: node types the host does not
 # know, nodes flagged with errors, and the text of any dialog or alert that opened.
 OPEN_JS = """async ([name, text]) => {
+  await app.refreshComboInNodes();
+  app.extensionManager.toast.removeAll();  // its "Node definitions updated" notice
+  await new Promise((resolve) => setTimeout(resolve, 300));
   await app.handleFile(new File([text], name, {type: "application/json"}));
   await new Promise((resolve) => setTimeout(resolve, 500));
   const nodes = app.graph._nodes;
@@ -101,6 +105,20 @@ FIT_VIEW_JS = """() => {
 }"""
 
 
+def write_example_images(input_dir, workflow_text: str, size=(96, 64)):
+    """Put a gradient picture under the name of every Load Image node's file into the host's input
+    folder (the shared workflows name images the user supplies)."""
+    import numpy as np
+    from PIL import Image
+
+    names = [node["widgets_values"][0] for node in json.loads(workflow_text)["nodes"] if node["type"] == "LoadImage"]
+    for index, name in enumerate(names):
+        ramp = np.linspace(0, 1, size[0])[None, :, None] * np.array([1.0, 0.6, 0.3])[::(-1) ** index]
+        pixels = (255 * np.broadcast_to(ramp, (size[1], size[0], 3))).astype("uint8")
+        Image.fromarray(pixels).save(Path(input_dir) / name)
+    return names
+
+
 def chromium_or_skip():
     """Skip (with a loud reason) when Chromium or playwright is missing; scripts/setup.sh installs both."""
     import pytest
@@ -125,8 +143,7 @@ class Frontend:
     def __enter__(self):
         from playwright.sync_api import sync_playwright
 
-        for setting, value in SETTINGS.items():
-            self.server.post(f"/settings/{setting}", value)
+        self.server.post("/settings", SETTINGS)
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         self.playwright = sync_playwright().start()
         try:

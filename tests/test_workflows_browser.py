@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from frontend import Frontend, chromium_or_skip
+from frontend import Frontend, chromium_or_skip, write_example_images
 from test_nodes_e2e import server, video_frames  # noqa: F401  (server: tiny models in the host's folders)
 
 pytestmark = pytest.mark.host
@@ -98,6 +98,7 @@ def test_there_are_workflows_to_check():
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda path: path.stem)
 def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screenshot_dir):  # noqa: F811
+    write_example_images(server.base_dir / "input", path.read_text())
     report = frontend.open_workflow(path.read_text(), path.name)
     assert report["node_types"], f"{path.name} opened no nodes"
     assert report["unregistered"] == [], f"node types the host does not know: {report['unregistered']}"

@@ -112,6 +112,24 @@ SPECS = {
                   ["decoder", "decoder", "sampler", "decoder"],
                   ["sampler", "images", "video", "images"], *VIDEO_LINKS],
     },
+    "start_end_keyframes": {
+        "nodes": [note("Start and end keyframes (image to video to image): the video opens on the start image "
+                       "and ends on the end image at its last frame. Put both images into ComfyUI/input (or "
+                       "upload them here); any size, they are cropped to the video size. The streaming decoder "
+                       "also encodes the images (TAEHV for speed; a second Load Streaming Decoder with the Wan "
+                       "2.1 VAE on the encoder input encodes them at full quality). Add Self-Forcing Keyframe "
+                       "nodes for images in between.", ["generator", "text_encoder", "taehv"]),
+                  *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[1]),
+                  {"key": "start", "type": "LoadImage", "column": 2, "title": "Start image",
+                   "size": [300, 330], "widgets": {"image": "start_frame.png"}},
+                  {"key": "end", "type": "LoadImage", "column": 2, "title": "End image",
+                   "size": [300, 330], "widgets": {"image": "end_frame.png"}},
+                  {**sampler(), "key": "sampler", "type": "SelfForcingKeyframeSampler"},
+                  *video_out("keyframes")],
+        "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
+                  ["start", "IMAGE", "sampler", "start_image"], ["end", "IMAGE", "sampler", "end_image"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
     "quality_decode_wan_vae": {
         "nodes": [note("Quality decode: the sampler's LATENT (raw Wan 2.1 space) goes through ComfyUI's own "
                        "Load VAE + VAE Decode with the full Wan 2.1 VAE. Slower than TAEHV, full quality. "
@@ -131,7 +149,7 @@ SPECS = {
 def main(names):
     from comfy_host import ComfyServer
     from comfy_paths import comfyui_root
-    from frontend import Frontend
+    from frontend import Frontend, write_example_images
 
     root = comfyui_root()
     if root is None:
@@ -147,6 +165,7 @@ def main(names):
                     continue
                 text = frontend.build(spec)
                 (WORKFLOWS / f"{name}.json").write_text(text)
+                write_example_images(server.base_dir / "input", text)
                 report = frontend.open_workflow(text, f"{name}.json")
                 if any(report[problem] for problem in ("unregistered", "errors", "dialogs", "alerts")):
                     sys.exit(f"{name} does not open cleanly: {report}")
