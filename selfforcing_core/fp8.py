@@ -102,13 +102,22 @@ class FP8Linear(nn.Module):
         self.matmul = "dequantise"
 
     def extra_repr(self):
-        granularity = "tensor" if self.scale_weight.numel() == 1 else "channel"
         return (f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}, "
-                f"per-{granularity} scale, matmul={self.matmul}")
+                f"per-{self.granularity} scale, matmul={self.matmul}")
+
+    @property
+    def granularity(self) -> str:
+        return "tensor" if self.scale_weight.numel() == 1 else "channel"
 
     def dequantised(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight [out, in] in ``dtype``."""
         return self.weight.to(dtype) * self.scale_weight.to(dtype)
+
+    def set_weight(self, weight: torch.Tensor):
+        """Re-quantise a new float weight [out, in] (e.g. with a LoRA merged in): same format and granularity."""
+        fmt = str(self.weight.dtype).removeprefix("torch.float8_")
+        stored, scale = quantise(weight.to(self.weight.device), fmt, self.granularity)
+        self.weight, self.scale_weight = stored, scale
 
     def forward(self, x):
         if self.matmul == "scaled_mm":
@@ -223,6 +232,8 @@ def choose_fp8_matmul(model: nn.Module, device) -> str:
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
             reason = f"CUDA compute capability {capability[0]}.{capability[1]} < 8.9"
+        elif any(m.in_features % 16 or m.out_features % 16 for m in layers):
+            reason = "layer widths are not multiples of 16, as torch._scaled_mm requires"
         else:
             try:
                 for dtype in {m.weight.dtype for m in layers}:
@@ -234,7 +245,7 @@ def choose_fp8_matmul(model: nn.Module, device) -> str:
                 reason = f"torch._scaled_mm failed on this device ({str(error).splitlines()[0]})"
     for layer in layers:
         layer.matmul = path
-    granularity = sorted({"tensor" if m.scale_weight.numel() == 1 else "channel" for m in layers})
+    granularity = sorted({m.granularity for m in layers})
     how = "FP8 matmul (torch._scaled_mm)" if path == "scaled_mm" else "dequantise per layer"
     return (f"FP8: {len(layers)} linear layers in {'/'.join(formats)}, per-{'/'.join(granularity)} scales; "
             f"compute: {how} ({reason})")

@@ -78,6 +78,15 @@ def test_scaled_mm_path_agrees_with_dequantise_path(granularity):
     assert rel_error(fast, reference) < 2.0 ** -4
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_set_weight_requantises_in_the_layers_format(granularity):
+    layer = FP8Linear(*quantise(torch.randn(32, 48), "e5m2", granularity), None)
+    new_weight = torch.randn(32, 48) * 3
+    layer.set_weight(new_weight)
+    assert layer.weight.dtype == torch.float8_e5m2 and layer.granularity == granularity
+    assert rel_error(layer.dequantised(torch.float32), new_weight) < 2.0 ** -3
+
+
 def test_cpu_compute_path_is_dequantise_and_reported():
     model = load_generator(tiny_state_dict(), fp8="e4m3fn", **LOAD)
     report = choose_fp8_matmul(model, "cpu")
