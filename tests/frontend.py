@@ -42,6 +42,7 @@ BUILD_JS = """async (spec) => {
       if (!widget) throw new Error(`${item.type} has no widget ${name}`);
       widget.value = value;
     }
+    if (item.mode !== undefined) node.mode = item.mode;
     if (item.color) { node.color = item.color[0]; node.bgcolor = item.color[1]; }
     byKey[item.key] = node;
   }

@@ -1,7 +1,7 @@
 """Saved workflows keep widget values by position: our nodes' inputs must keep their order.
 
 `node_input_order.json` pins, per node of this pack, its inputs as /object_info lists them
-(required, then optional; "name TYPE", "+control" where the frontend adds a control widget after
+(required, then optional; "name TYPE", "+control" where the node asks for a control widget after
 the value). Reordering, renaming, retyping or removing an input shifts the values of every saved
 workflow, so it fails here; adding a node, or an input at the end, means extending the file on
 purpose. The shared workflows must match the pinned widget counts too.
@@ -31,8 +31,11 @@ def input_listing(node_info: dict) -> list[str]:
 
 
 def widget_count(listing: list[str]) -> int:
-    """Values a saved workflow holds for a node: one per widget input, two where a control follows."""
-    return sum(entry.split()[1] in WIDGET_TYPES for entry in listing) + sum(e.endswith("+control") for e in listing)
+    """Values a saved workflow holds for a node: one per widget input, two where a control follows
+    (asked for, or added by the frontend to every INT named seed / noise_seed)."""
+    entries = [entry.split() for entry in listing]
+    return sum(kind in WIDGET_TYPES for _, kind, *_ in entries) + sum(
+        "+control" in rest or (kind == "INT" and name in ("seed", "noise_seed")) for name, kind, *rest in entries)
 
 
 @pytest.fixture(scope="module")

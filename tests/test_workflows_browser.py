@@ -8,7 +8,10 @@ Swapping in the tiny models (the real ones are gigabytes): the generator file na
 the tiny generator; the decoder and VAE files exist under their real names (tiny weights in the
 real layouts); each umT5 branch (CLIPLoader + CLIP Text Encode) becomes Load Prompt Embeddings of
 a tiny embedding file, because no umT5 small enough for a test loads in the host (its config is
-fixed at the XXL size); video sizes shrink to 64x48 and frame counts in proportion.
+fixed at the XXL size), and optional CLIP inputs (caption encoding) are left open; video sizes
+shrink to 64x48 and frame counts in proportion; training runs 2 steps on two tiny clips.
+A train-then-sample workflow runs twice: as saved (training; sampling nodes muted), then with
+the training nodes muted and the rest unmuted, as its note tells the user.
 
 Screenshots of the opened workflows go to $SF_SCREENSHOT_DIR (default: a temporary folder);
 `workflows/generate.py` makes the thumbnails the same way.
@@ -20,6 +23,7 @@ import pytest
 
 from frontend import Frontend, chromium_or_skip, write_example_images
 from test_nodes_e2e import server, video_frames  # noqa: F401  (server: tiny models in the host's folders)
+from test_trainer_e2e import write_gif
 
 pytestmark = pytest.mark.host
 
@@ -28,6 +32,14 @@ WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors"}
 TINY_PROMPTS = ["cat.safetensors", "dog.safetensors"]
 TINY_WIDTH, TINY_HEIGHT = 64, 48
+TINY_TRAINING = {"SelfForcingTrainingClips": {"width": 32, "height": 32, "length": 9},
+                 "SelfForcingTrainer": {"steps": 2, "lora_rank": 4, "save_every": 1}}
+TRAINING_NODES = set(TINY_TRAINING)
+MUTED = 2
+# Second stage of a two-stage workflow (train, then sample): what the note tells the user to do.
+NEXT_STAGE_JS = f"""() => app.graph._nodes.forEach((node) => {{
+  node.mode = {sorted(TRAINING_NODES)}.includes(node.type) ? {MUTED} : node.mode === {MUTED} ? 0 : node.mode;
+}})"""
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +69,20 @@ def swap_in_tiny_models(prompt: dict) -> dict:
     for index, node_id in enumerate(encoders):
         prompt[node_id] = {"class_type": "SelfForcingLoadPromptEmbeddings",
                            "inputs": {"embeddings": TINY_PROMPTS[index % len(TINY_PROMPTS)]}}
-    for node_id in [i for i, node in prompt.items() if node["class_type"] == "CLIPLoader"]:
+    text_encoders = [node_id for node_id, node in prompt.items() if node["class_type"] == "CLIPLoader"]
+    for node_id in text_encoders:
         del prompt[node_id]
+    for node in prompt.values():  # e.g. the training clips' optional caption encoder
+        for name in [n for n, value in node["inputs"].items() if isinstance(value, list) and value[0] in text_encoders]:
+            del node["inputs"][name]
     lengths = {}
     for node_id, node in prompt.items():
         inputs = node["inputs"]
         for name, value in inputs.items():
             if isinstance(value, str) and value in TINY_FILES:
                 inputs[name] = TINY_FILES[value]
-        if node["class_type"].startswith("SelfForcing") and "length" in inputs and "width" in inputs:
+        inputs.update(TINY_TRAINING.get(node["class_type"], {}))
+        if node["class_type"].startswith("SelfForcing") and "seed" in inputs and "width" in inputs:
             scale = (tiny_length(inputs["length"]) - 1) / (inputs["length"] - 1)
             inputs.update(width=TINY_WIDTH, height=TINY_HEIGHT, length=tiny_length(inputs["length"]))
             lengths[node_id] = inputs["length"]
@@ -96,9 +113,24 @@ def test_there_are_workflows_to_check():
     assert len(WORKFLOW_FILES) >= 3, f"expected the shared workflows in {WORKFLOWS}"
 
 
+def run_and_check_videos(server, prompt):  # noqa: F811
+    """Swap in the tiny models, run, and check every saved video's frame count and size."""
+    expected_frames = swap_in_tiny_models(prompt)
+    entry = server.run(prompt, timeout=300)
+    for node_id, frames in expected_frames.items():
+        saved = entry["outputs"][node_id]["images"][0]
+        video = video_frames(server.output_dir / saved["subfolder"] / saved["filename"])
+        assert len(video) == frames and video[0].shape == (TINY_HEIGHT, TINY_WIDTH, 3)
+    return expected_frames
+
+
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda path: path.stem)
 def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screenshot_dir):  # noqa: F811
     write_example_images(server.base_dir / "input", path.read_text())
+    clips = server.base_dir / "input" / "self_forcing_clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    for index in range(2):
+        write_gif(clips / f"clip{index}.gif")
     report = frontend.open_workflow(path.read_text(), path.name)
     assert report["node_types"], f"{path.name} opened no nodes"
     assert report["unregistered"] == [], f"node types the host does not know: {report['unregistered']}"
@@ -107,10 +139,10 @@ def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screens
     frontend.screenshot(screenshot_dir / f"{path.stem}.jpg")
 
     prompt = frontend.graph_to_prompt()
-    expected_frames = swap_in_tiny_models(prompt)
-    assert expected_frames, f"{path.name} saves no video"
-    entry = server.run(prompt, timeout=300)
-    for node_id, frames in expected_frames.items():
-        saved = entry["outputs"][node_id]["images"][0]
-        video = video_frames(server.output_dir / saved["subfolder"] / saved["filename"])
-        assert len(video) == frames and video[0].shape == (TINY_HEIGHT, TINY_WIDTH, 3)
+    if TRAINING_NODES & {node["class_type"] for node in prompt.values()}:
+        lora_name = next(n["inputs"]["lora_name"] for n in prompt.values() if n["class_type"] == "SelfForcingTrainer")
+        run_and_check_videos(server, prompt)
+        assert (server.model_dir("loras") / f"{lora_name}.safetensors").is_file()
+        frontend.page.evaluate(NEXT_STAGE_JS)
+        prompt = frontend.graph_to_prompt()
+    assert run_and_check_videos(server, prompt), f"{path.name} saves no video"

@@ -24,6 +24,11 @@ DOWNLOADS = {
     "taehv": f"models/vae_approx/taew2_1.safetensors (or taew2_1.pth)\n  <- {TAEHV}",
     "wan_vae": f"models/vae/wan_2.1_vae.safetensors\n  <- {WAN_REPACKAGED}  (split_files/vae/)",
 }
+MUTED = 2  # LiteGraph node mode "never": left out of the prompt until unmuted (Ctrl+M)
+WAN_NEGATIVE = ("garish colors, overexposed, static, blurry details, subtitles, style, artwork, painting, still "
+                "picture, overall grey, worst quality, low quality, JPEG artifacts, ugly, mutilated, extra fingers, "
+                "poorly drawn hands, poorly drawn face, deformed, disfigured, malformed limbs, fused fingers, "
+                "motionless scene, cluttered background, three legs, many people in the background, walking backwards")
 NOTE_COLOR = ("#432", "#653")
 PROMPTS = [
     "A red fox trots through fresh snow in a quiet pine forest at dawn, soft golden light, "
@@ -128,6 +133,38 @@ SPECS = {
                   *video_out("keyframes")],
         "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
                   ["start", "IMAGE", "sampler", "start_image"], ["end", "IMAGE", "sampler", "end_image"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "finetune_then_sample": {
+        "nodes": [note("Fine-tune on your clips, then sample with the trained LoRA.\n"
+                       "1. Put clips (mp4/webm/gif, or folders of images) into ComfyUI/input/self_forcing_clips; a "
+                       "caption walk.txt beside walk.mp4 describes that clip, else the prompt is used. Queue: the "
+                       "trainer fine-tunes a LoRA (self-rollout DMD, 600 steps in the paper; cancel any time, a "
+                       "resumable checkpoint is kept) and saves models/loras/my_self_forcing_lora.safetensors.\n"
+                       "2. Press R, select the two training nodes and mute them (Ctrl+M), unmute the sampling "
+                       "nodes (Ctrl+M), queue again.", ["generator", "text_encoder", "wan_vae", "taehv"]),
+                  *text_encoder(), model_loader(),
+                  {"key": "encoder", "type": "SelfForcingDecoderLoader", "column": 1, "title": "Clip encoder (Wan VAE)",
+                   "widgets": {"decoder_name": "vae/wan_2.1_vae.safetensors", "dtype": "fp32"}},
+                  {**taehv_loader(), "mode": MUTED},
+                  prompt("positive", PROMPTS[0]), prompt("negative", WAN_NEGATIVE),
+                  {"key": "clips", "type": "SelfForcingTrainingClips", "column": 3, "title": "1. Training clips",
+                   "widgets": {"folder": "self_forcing_clips", "width": 832, "height": 480, "length": 81}},
+                  {"key": "trainer", "type": "SelfForcingTrainer", "column": 3, "title": "1. Train the LoRA",
+                   "widgets": {"lora_name": "my_self_forcing_lora", "control_after_generate": "fixed"}},
+                  {"key": "lora", "type": "SelfForcingLora", "column": 3, "title": "2. Trained LoRA", "mode": MUTED,
+                   "widgets": {"lora_name": "my_self_forcing_lora.safetensors", "strength": 1.0}},
+                  {"key": "tuned", "type": "SelfForcingModelLoader", "column": 3, "title": "2. Model with the LoRA",
+                   "mode": MUTED, "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto",
+                                              "device": "default"}},
+                  {**sampler(), "column": 4, "mode": MUTED},
+                  *[{**node, "column": 5, "mode": MUTED} for node in video_out("finetuned")]],
+        "links": [["clip", "CLIP", "positive", "clip"], ["clip", "CLIP", "negative", "clip"],
+                  ["clip", "CLIP", "clips", "clip"], ["encoder", "decoder", "clips", "encoder"],
+                  ["positive", "CONDITIONING", "clips", "prompt"], ["negative", "CONDITIONING", "clips", "negative"],
+                  ["model", "model", "trainer", "model"], ["clips", "clips", "trainer", "clips"],
+                  ["lora", "loras", "tuned", "loras"], ["tuned", "model", "sampler", "model"],
+                  ["positive", "CONDITIONING", "sampler", "positive"], ["decoder", "decoder", "sampler", "decoder"],
                   ["sampler", "images", "video", "images"], *VIDEO_LINKS],
     },
     "quality_decode_wan_vae": {
