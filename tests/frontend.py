@@ -183,6 +183,7 @@ class Frontend:
 
     def open_workflow(self, text: str, name: str = "workflow.json") -> dict:
         """Open a UI-format workflow file's text through the frontend's file handler; what it then shows."""
+        self.page.keyboard.press("Escape")  # close a dialog left open by the previous file
         return self.page.evaluate(OPEN_JS, [name, text])
 
     def graph_to_prompt(self) -> dict:

@@ -16,6 +16,7 @@ the training nodes muted and the rest unmuted, as its note tells the user.
 Screenshots of the opened workflows go to $SF_SCREENSHOT_DIR (default: a temporary folder);
 `workflows/generate.py` makes the thumbnails the same way.
 """
+import json
 import os
 from pathlib import Path
 
@@ -110,7 +111,16 @@ def source_sampler(prompt, node_id):
 
 
 def test_there_are_workflows_to_check():
-    assert len(WORKFLOW_FILES) >= 3, f"expected the shared workflows in {WORKFLOWS}"
+    assert len(WORKFLOW_FILES) >= 5, f"expected the shared workflows in {WORKFLOWS}"
+
+
+def test_a_workflow_with_a_node_the_host_lacks_is_reported(frontend):
+    workflow = json.loads((WORKFLOWS / "text_to_video_streaming.json").read_text())
+    sampler = next(node for node in workflow["nodes"] if node["type"] == "SelfForcingStreamingSampler")
+    sampler["type"] = "SelfForcingRenamedSampler"
+    report = frontend.open_workflow(json.dumps(workflow), "renamed.json")
+    assert report["unregistered"] == ["SelfForcingRenamedSampler"]
+    assert any("SelfForcingRenamedSampler" in dialog for dialog in report["dialogs"])
 
 
 def run_and_check_videos(server, prompt):  # noqa: F811
