@@ -182,7 +182,7 @@ class ComfyServer:
 
     def post(self, route, payload=None):
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{route}",
-                                         data=json.dumps(payload or {}).encode(),
+                                         data=json.dumps({} if payload is None else payload).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()

@@ -26,10 +26,10 @@ MODEL_FILES = [  # (models subfolder, file name, source)
     ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
      "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/"
      "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
-    ("vae_approx", "taew2_1.pth", "https://github.com/madebyollin/taehv/raw/main/taew2_1.pth"),
+    ("vae_approx", "taew2_1.safetensors", "https://github.com/madebyollin/taehv/raw/main/safetensors/taew2_1.safetensors"),
 ]
-DEFAULT_PROMPT = ("A golden retriever runs along a sunlit beach at low tide, waves rolling in behind it, "
-                  "sand spraying from its paws; handheld tracking shot, warm evening light, shallow depth of field.")
+DEFAULT_PROMPT = ("A red fox trots through fresh snow in a quiet pine forest at dawn, soft golden light, "
+                  "breath visible in the cold air, the camera follows at the fox's height.")
 
 
 def host_root() -> Path:
@@ -60,17 +60,19 @@ def ensure_models(models: Path, fetch: bool, need_text_encoder: bool):
         download(url, models / folder / name)
 
 
-def workflow(prompt: str, embeddings: str | None, width: int, height: int, length: int, seed: int, dtype: str) -> dict:
-    """API-format prompt of workflows/text_to_video_streaming.json (node "2" gives the CONDITIONING)."""
+def workflow(prompt: str = DEFAULT_PROMPT, embeddings: str | None = None, width: int = 832, height: int = 480,
+             length: int = 81, seed: int = 0) -> dict:
+    """API-format prompt of workflows/text_to_video_streaming.json (node "2" gives the CONDITIONING);
+    with the defaults it is that workflow exactly (a browser test checks this)."""
     if embeddings:
         text = {"2": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": embeddings}}}
     else:
-        text = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": MODEL_FILES[1][1], "type": "wan"}},
+        text = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": MODEL_FILES[1][1], "type": "wan", "device": "default"}},
                 "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 0]}}}
     return {
         **text,
         "3": {"class_type": "SelfForcingModelLoader",
-              "inputs": {"model_name": MODEL_FILES[0][1], "weight_dtype": dtype, "device": "default"}},
+              "inputs": {"model_name": MODEL_FILES[0][1], "weight_dtype": "auto", "device": "default"}},
         "4": {"class_type": "SelfForcingDecoderLoader",
               "inputs": {"decoder_name": f"vae_approx/{MODEL_FILES[2][1]}", "dtype": "fp32"}},
         "5": {"class_type": "SelfForcingStreamingSampler",
@@ -78,7 +80,7 @@ def workflow(prompt: str, embeddings: str | None, width: int, height: int, lengt
                          "height": height, "length": length, "seed": seed, "steps": "4 steps, shift 5 (paper)",
                          "kv_window_frames": 0 if length <= 81 else 21, "sink_frames": 0 if length <= 81 else 3}},
         "6": {"class_type": "CreateVideo", "inputs": {"images": ["5", 1], "fps": 16.0}},
-        "7": {"class_type": "SaveVideo", "inputs": {"video": ["6", 0], "filename_prefix": "self_forcing/t2v",
+        "7": {"class_type": "SaveVideo", "inputs": {"video": ["6", 0], "filename_prefix": "self_forcing/text_to_video",
                                                    "format": "mp4", "codec": "h264"}},
     }
 
@@ -103,7 +105,7 @@ def main():
 
     cuda = torch.cuda.is_available()
     if not cuda:
-        print("No CUDA device: running the 1.3B model on the CPU in fp32 (this takes a long time).")
+        print("No CUDA device: the 1.3B model runs on the CPU in fp32 (this takes a long time).")
     with tempfile.TemporaryDirectory() as scratch:
         paths = Path(scratch) / "extra_model_paths.yaml"
         folders = "".join(f"    {f}: {f}\n" for f in ("diffusion_models", "text_encoders", "vae", "vae_approx",
@@ -114,7 +116,7 @@ def main():
         server.start()
         try:
             started = time.monotonic()
-            graph = workflow(args.prompt, args.embeddings, args.width, args.height, args.length, args.seed, "bf16" if cuda else "fp32")
+            graph = workflow(args.prompt, args.embeddings, args.width, args.height, args.length, args.seed)
             entry = server.run(graph, timeout=24 * 3600)
             result = entry["outputs"]["7"]["images"][0]
             video = args.output / result["subfolder"] / result["filename"]

@@ -5,6 +5,7 @@ import sys
 import av
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from comfy_host import find_host_or_skip
 from comfy_paths import REPO_ROOT
@@ -25,7 +26,7 @@ def test_offline_without_weights_lists_the_files_and_where_they_go(tmp_path):
     result = run_generate("--models", str(tmp_path))
     assert result.returncode != 0
     for expected in ("diffusion_models/self_forcing_dmd.pt", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-                     "vae_approx/taew2_1.pth", "--download"):
+                     "vae_approx/taew2_1.safetensors", "--download"):
         assert expected in result.stderr
 
 
@@ -38,7 +39,7 @@ def test_generates_an_mp4_from_the_official_file_names(tmp_path):
     (models / "diffusion_models").mkdir(parents=True)
     torch.save({"generator_ema": ema, "generator": ema}, models / "diffusion_models" / "self_forcing_dmd.pt")
     (models / "vae_approx").mkdir()
-    torch.save(taehv_state_dict(), models / "vae_approx" / "taew2_1.pth")
+    save_file(taehv_state_dict(), str(models / "vae_approx" / "taew2_1.safetensors"))
     save_prompt_embeddings(models / "prompt_embeddings" / "beach.safetensors", [(torch.randn(1, 9, 32), {})])
     result = run_generate("--models", str(models), "--embeddings", "beach.safetensors", "--width", "64",
                           "--height", "32", "--length", "17", "--output", str(tmp_path / "out"))

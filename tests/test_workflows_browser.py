@@ -156,3 +156,23 @@ def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screens
         frontend.page.evaluate(NEXT_STAGE_JS)
         prompt = frontend.graph_to_prompt()
     assert run_and_check_videos(server, prompt), f"{path.name} saves no video"
+
+
+def canonical(prompt: dict) -> dict:
+    """class_type -> inputs, links written as (source class_type, output slot): ids do not matter."""
+    kinds = {node_id: node["class_type"] for node_id, node in prompt.items()}
+    return {node["class_type"]: {name: (kinds[value[0]], value[1]) if isinstance(value, list) else value
+                                 for name, value in node["inputs"].items()}
+            for node in prompt.values()}
+
+
+def test_main_job_script_runs_exactly_the_shared_text_to_video_workflow(frontend):
+    """scripts/generate.py builds its graph in code; it must stay the workflow users download."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import generate
+
+    path = next(p for p in WORKFLOW_FILES if p.stem == "text_to_video_streaming")
+    frontend.open_workflow(path.read_text(), path.name)
+    assert canonical(frontend.graph_to_prompt()) == canonical(generate.workflow())
