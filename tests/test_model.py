@@ -74,3 +74,16 @@ def test_bad_inputs_name_the_expected_shape():
     with pytest.raises(ValueError, match="RoPE"):
         cache = model.new_kv_cache(4, 4, capacity_frames=3)
         model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt, kv_cache=cache, start_frame=1023)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_run_and_stay_close_to_fp32(dtype):
+    """16-bit weights (what GPUs run) work end to end, including the affine cross-attention norm."""
+    from selfforcing_core.rollout import NoiseSource, sample_video
+
+    model, prompt = tiny_model(), tiny_prompt()
+    reference = sample_video(model, prompt, 2, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(0)))
+    half = sample_video(model.to(dtype), prompt, 2, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(0)))
+    assert half.dtype == dtype
+    error = (half.float() - reference).norm() / reference.norm()
+    assert error < 0.1, f"relative error {error:.3f}"
