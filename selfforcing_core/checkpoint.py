@@ -146,7 +146,8 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
     dtype: "auto" (keep the file's floating dtype; bf16 for float8 files), "fp32", "bf16", "fp16"
     or a torch dtype: the compute dtype. fp8: "off", "e4m3fn" or "e5m2" stores the block linears
     in float8 (see ``fp8.py``; FP8 files, e.g. ComfyUI scaled-fp8, are accepted either way).
-    The config is inferred from the weights (``WanConfig.from_state_dict``).
+    The config is inferred from the weights (``WanConfig.from_state_dict``). Tensors of a state
+    dict passed in are used as they are (no copy) when dtype and device already match.
     """
     state_dict = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_tensors(path_or_state_dict)
     state_dict, layout = to_wan_names(state_dict)

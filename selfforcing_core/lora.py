@@ -217,7 +217,9 @@ def load_adapter(model: nn.Module, adapter: str, source):
 
 
 def merge_lora(model: nn.Module, source, strength: float = 1.0) -> int:
-    """Add a LoRA into the model's plain linear weights in place (inference); returns the layer count.
+    """Add a LoRA into the model's linear weights in place (inference); returns the layer count.
+
+    Float weights get the update added; FP8 weights are dequantised, updated and re-quantised.
 
     ``merge_lora(model, same_source, -strength)`` undoes it (up to rounding in the weight dtype).
     """
@@ -233,5 +235,8 @@ def merge_lora(model: nn.Module, source, strength: float = 1.0) -> int:
             raise ValueError(f"LoRA {name} is {up.shape[0]}x{down.shape[1]}, the layer is {tuple(weight.shape)}")
         delta = (up.float() @ down.float()) * (strength * alpha / down.shape[0])
         with torch.no_grad():
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            if hasattr(layer, "set_weight"):  # FP8Linear: merge in float, then re-quantise with a new scale
+                layer.set_weight(layer.dequantised(torch.float32) + delta.to(weight.device))
+            else:
+                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     return len(adapters)

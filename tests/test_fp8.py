@@ -236,3 +236,24 @@ def test_fp8_accuracy_of_block_output_and_two_block_rollout(dim512_reference, fm
     print(f"{fmt}: block-0 output rel. error {block_error:.4f}, 2-block rollout {rollout_error:.4f}")
     assert 0 < block_error < block_bound
     assert 0 < rollout_error < rollout_bound
+
+
+def test_lora_merge_into_fp8_layers_requantises_the_merged_weight():
+    from selfforcing_core.lora import merge_lora
+
+    torch.manual_seed(0)
+    state_dict = {k: v.clone() for k, v in CausalWanModel(WanConfig(dim=128, ffn_dim=256, num_layers=1, num_heads=1,
+                                                                    text_dim=32)).state_dict().items()}
+    name = "blocks.0.self_attn.q"
+    lora = {f"diffusion_model.{name}.lora_down.weight": torch.randn(4, 128) * 0.3,
+            f"diffusion_model.{name}.lora_up.weight": torch.randn(128, 4) * 0.3,
+            f"diffusion_model.{name}.alpha": torch.tensor(4.0)}
+    full = load_generator({k: v.clone() for k, v in state_dict.items()}, dtype="fp32", num_heads=1)
+    original = full.get_submodule(name).weight.clone()
+    merge_lora(full, lora)
+    expected = full.get_submodule(name).weight
+    assert (expected - original).norm() > 0.5 * original.norm()  # the LoRA changes the layer a lot
+    fp8 = load_generator({k: v.clone() for k, v in state_dict.items()}, dtype="fp32", num_heads=1, fp8="e4m3fn")
+    merge_lora(fp8, lora)
+    merged = fp8.get_submodule(name).dequantised(torch.float32)
+    assert (merged - expected).norm() / expected.norm() < 0.05
