@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfforcing_core.checkpoint import load_generator  # noqa: E402
 from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count  # noqa: E402
 from selfforcing_core.memory import estimate_memory  # noqa: E402
-from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
+from selfforcing_core.model import WAN_T2V_1P3B as REAL_1P3B, CausalWanModel, WanConfig  # noqa: E402
 from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
 
-REAL_1P3B = WanConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)  # SPEC 1.1
+
 GIB = 2 ** 30
 
 

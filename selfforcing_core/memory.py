@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .fp8 import FP8Linear, fp8_layers
 from .model import CausalWanModel, WanConfig
-
-VAE_STRIDE = 8  # pixels per latent row/column (Wan VAE)
+from .units import latent_size
 
 
 @dataclass
@@ -59,14 +59,6 @@ def weight_bytes(cfg: WanConfig, dtype: torch.dtype = torch.bfloat16, fp8: str =
     return device_bytes, offloaded
 
 
-def latent_size(height: int, width: int, cfg: WanConfig) -> tuple[int, int]:
-    """Latent (rows, columns) of a video size in pixels; ValueError unless a multiple of 16."""
-    multiple = VAE_STRIDE * cfg.patch_size[1]
-    if height % multiple or width % multiple:
-        raise ValueError(f"video size {height}x{width} must be a multiple of {multiple} in both directions")
-    return height // VAE_STRIDE, width // VAE_STRIDE
-
-
 def activation_bytes(cfg: WanConfig, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak transient bytes of one block call on ``tokens`` query tokens (batch included).
 
@@ -89,7 +81,7 @@ def estimate_memory(cfg: WanConfig, height: int = 480, width: int = 832, kv_wind
     kv_window_frames: rolling cache size in latent frames (sink included), or None for a global
     cache holding all ``num_frames``. dtype: compute / cache dtype.
     """
-    latent_h, latent_w = latent_size(height, width, cfg)
+    latent_h, latent_w = latent_size(width, height)
     frame_seqlen = (latent_h // cfg.patch_size[1]) * (latent_w // cfg.patch_size[2])
     cache_frames = kv_window_frames or num_frames
     itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -102,3 +94,15 @@ def estimate_memory(cfg: WanConfig, height: int = 480, width: int = 832, kv_wind
         activations=activation_bytes(cfg, batch_size * frames_per_block * frame_seqlen, dtype),
         offloaded_weights=offloaded,
     )
+
+
+def estimate_for_model(model: CausalWanModel, height: int, width: int, kv_window_frames: int | None,
+                       num_frames: int, batch_size: int = 1, frames_per_block: int = 3) -> MemoryEstimate:
+    """``estimate_memory`` for a loaded model: its dtype, FP8 format and offloaded blocks read off it."""
+    quantised = [layer for layer in fp8_layers(model).values() if isinstance(layer, FP8Linear)]
+    fp8 = str(quantised[0].weight.dtype).removeprefix("torch.float8_") if quantised else "off"
+    return estimate_memory(model.cfg, height, width, kv_window_frames, num_frames,
+                           dtype=model.patch_embedding.weight.dtype, fp8=fp8,
+                           fp8_granularity=quantised[0].granularity if quantised else "tensor",
+                           frames_per_block=frames_per_block, batch_size=batch_size,
+                           offload_blocks=sum(hasattr(block, "offload") for block in model.blocks))

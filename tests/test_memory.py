@@ -4,11 +4,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing_core.checkpoint import load_generator
-from selfforcing_core.memory import activation_bytes, estimate_memory
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.memory import activation_bytes, estimate_for_model, estimate_memory
+from selfforcing_core.model import WAN_T2V_1P3B as REAL_1P3B, CausalWanModel, WanConfig
 from selfforcing_core.offload import offload_blocks
 
-REAL_1P3B = WanConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)  # SPEC 1.1
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 
@@ -79,5 +78,16 @@ def test_real_model_at_480x832_kv_window_is_the_memory_dial():
 
 
 def test_video_size_must_be_a_multiple_of_16():
-    with pytest.raises(ValueError, match="480x830 must be a multiple of 16"):
+    with pytest.raises(ValueError, match="width 830 is not a positive multiple of 16"):
         estimate_memory(REAL_1P3B, 480, 830)
+
+
+def test_estimate_for_a_loaded_model_reads_its_dtype_fp8_format_and_offload():
+    torch.manual_seed(0)
+    model = load_generator(CausalWanModel(TINY).state_dict(), dtype="fp32", num_heads=2, text_len=16,
+                           fp8="e5m2", fp8_granularity="channel")
+    offload_blocks(model, 1, "cpu")
+    expected = estimate_memory(TINY, 64, 48, 6, 9, dtype=torch.float32, fp8="e5m2", fp8_granularity="channel",
+                               offload_blocks=1)
+    assert estimate_for_model(model, 64, 48, 6, 9) == expected
+    assert estimate_for_model(model, 64, 48, 6, 9).offloaded_weights > 0
