@@ -140,12 +140,13 @@ def verify_state_dict(model: torch.nn.Module, state_dict: dict, layout: str):
 
 def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device="cpu",
                    num_heads: int | None = None, head_dim: int = 128, text_len: int = 512,
-                   fp8: str = "off", fp8_granularity: str = "tensor") -> CausalWanModel:
+                   fp8: str = "off", fp8_granularity: str = "tensor", compute_device=None) -> CausalWanModel:
     """Build a ``CausalWanModel`` from a checkpoint file or state dict in any supported layout.
 
-    dtype: "auto" (keep the file's floating dtype; bf16 for float8 files), "fp32", "bf16", "fp16"
-    or a torch dtype: the compute dtype. fp8: "off", "e4m3fn" or "e5m2" stores the block linears
-    in float8 (see ``fp8.py``; FP8 files, e.g. ComfyUI scaled-fp8, are accepted either way).
+    dtype: "auto" (see ``resolve_dtype``), "fp32", "bf16", "fp16" or a torch dtype: the compute
+    dtype, chosen for ``compute_device`` (default: ``device``). fp8: "off", "e4m3fn" or "e5m2"
+    stores the block linears in float8 (see ``fp8.py``; FP8 files, e.g. ComfyUI scaled-fp8, are
+    accepted either way).
     The config is inferred from the weights (``WanConfig.from_state_dict``). Tensors of a state
     dict passed in are used as they are (no copy) when dtype and device already match.
     """
@@ -159,7 +160,7 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
                               "diffusion model has; the file is incomplete or another model") from None
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    target = resolve_dtype(dtype, state_dict)
+    target = resolve_dtype(dtype, state_dict, compute_device or device)
     with torch.device("meta"):
         model = CausalWanModel(cfg)
     verify_state_dict(model, state_dict, layout)
@@ -171,11 +172,14 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
     return model.to(device).eval().requires_grad_(False)
 
 
-def resolve_dtype(dtype, state_dict: dict) -> torch.dtype:
-    """Weight dtype for loading: an explicit choice, or the checkpoint's own float dtype."""
+def resolve_dtype(dtype, state_dict: dict, device="cpu") -> torch.dtype:
+    """Compute dtype for loading: an explicit choice, or for "auto" bf16 on CUDA (fp16 where bf16
+    is unsupported) and the checkpoint's own float dtype elsewhere (bf16 for float8 files)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         found = state_dict["patch_embedding.weight"].dtype
         return found if found in SUPPORTED_DTYPES.values() else torch.bfloat16
     if dtype not in SUPPORTED_DTYPES:

@@ -35,7 +35,7 @@ def load_with_options(path_or_state_dict, options: RuntimeOptions = RuntimeOptio
                       device="cpu", **load_kwargs):
     """``load_generator`` plus the runtime options. Returns (model, report lines)."""
     model = load_generator(path_or_state_dict, dtype=dtype, device="cpu", fp8=options.fp8,
-                           fp8_granularity=options.fp8_granularity, **load_kwargs)
+                           fp8_granularity=options.fp8_granularity, compute_device=device, **load_kwargs)
     report = [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
     if options.compile:
         report.append(compile_blocks(model, device))

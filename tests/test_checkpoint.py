@@ -141,3 +141,12 @@ def test_incomplete_or_mismatched_state_dicts_load_nothing():
     state_dict["blocks.0.self_attn.q.bias"] = torch.zeros(65)
     with pytest.raises(CheckpointError, match=r"shape mismatch.*self_attn\.q\.bias"):
         load_generator(state_dict, num_heads=2, text_len=16)
+
+
+@pytest.mark.parametrize("bf16_supported,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_is_16_bit_on_cuda(monkeypatch, bf16_supported, expected):
+    from selfforcing_core.checkpoint import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    assert resolve_dtype("auto", wan_state_dict(), "cuda") == expected
+    assert resolve_dtype("auto", wan_state_dict(), "cpu") == torch.float32  # the file's own dtype
