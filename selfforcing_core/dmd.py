@@ -28,21 +28,51 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def enable_gradient_checkpointing(model: CausalWanModel):
-    """Recompute each transformer block in the backward pass of cache-free calls (critic, teacher LoRA).
+class CachedContextSnapshot:
+    """Stands in for the KV cache in one checkpointed cached call of one layer.
 
-    Calls that write a KV cache run normally: recomputing them later would replay cache writes
-    against a cache that has moved on. The backward pass must run with the same adapter active.
+    The first ``store`` (the forward pass) writes the new keys/values into the real cache and copies
+    the cached context around them; the recomputation in the backward pass attends to that copy
+    instead of the cache, which has moved on by then. The copy holds what attention keeps for
+    backward anyway without checkpointing (the concatenated keys/values), so memory still drops
+    by the block's other activations.
+    """
+
+    def __init__(self, kv_cache):
+        self.kv_cache, self.context = kv_cache, None
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, new tokens, heads, head_dim] -> keys, values [B, valid tokens, heads, head_dim] (see KVCache.store)."""
+        if self.context is None:
+            cache = self.kv_cache
+            cache.store(layer, k.detach(), v.detach())  # the real write (with any eviction), done once
+            plan, fs = cache.plan, cache.frame_seqlen
+            lo, hi, end = plan.first_slot * fs, (plan.first_slot + plan.num_frames) * fs, plan.valid_frames * fs
+            self.context = [(buffer[layer][:, :lo].clone(), buffer[layer][:, hi:end].clone())
+                            for buffer in (cache.k, cache.v)]
+        (k_before, k_after), (v_before, v_after) = self.context
+        return (torch.cat([k_before, k.to(k_before.dtype), k_after], dim=1),
+                torch.cat([v_before, v.to(v_before.dtype), v_after], dim=1))
+
+
+def enable_gradient_checkpointing(model: CausalWanModel):
+    """Recompute each transformer block in the backward pass of every call run with gradients.
+
+    Cached calls (the generator's exit step) attend, in the recomputation, to a copy of the
+    context they saw in the forward pass (``CachedContextSnapshot``). The backward pass must run
+    with the same adapter active as the forward pass.
     """
     for block in model.blocks:
         plain_forward = block.forward
 
         def forward(*args, _plain=plain_forward):
-            context, kv_cache = args[2], args[7]
-            if kv_cache is None and torch.is_grad_enabled():
-                context()  # embed the prompt once, outside the recomputed region
-                return checkpoint(_plain, *args, use_reentrant=False)
-            return _plain(*args)
+            if not torch.is_grad_enabled():
+                return _plain(*args)
+            args[2]()  # embed the prompt once, outside the recomputed region
+            kv_cache = args[7]
+            if kv_cache is not None:
+                args = (*args[:7], CachedContextSnapshot(kv_cache), *args[8:])
+            return checkpoint(_plain, *args, use_reentrant=False)
         block.forward = forward
 
 

@@ -138,3 +138,37 @@ def test_flow_matching_loss_is_zero_for_a_perfect_flow_predictor():
             return (noise - x).transpose(1, 2)
     loss = dmd.flow_matching_loss(ExactFlow(), schedule, x, noise, torch.tensor([100.0, 900.0]), None)
     assert loss == 0
+
+
+@pytest.mark.parametrize("trained", ["adapter", "full"])
+def test_checkpointed_exit_step_gives_the_same_gradients_and_cache(trained):
+    """Recomputing the exit step in backward (against a copy of its cached context) changes nothing:
+    the gradients of the trained weights and the KV cache left by the rollout equal the plain run's."""
+    schedule, prompt = FlowMatchSchedule(5.0), torch.randn(2, 5, 32)
+
+    def run(checkpointing):
+        model = adapted_model()
+        params = list(adapter_parameters(model, dmd.GENERATOR).values())
+        if trained == "full":
+            params = [p for n, p in model.named_parameters() if ".down." not in n and ".up." not in n]
+            for p in params:
+                p.requires_grad_(True)
+        if checkpointing:
+            dmd.enable_gradient_checkpointing(model)
+        caches, new_cache, grad_calls = [], model.new_kv_cache, []
+        model.new_kv_cache = lambda *args, **kwargs: caches.append(new_cache(*args, **kwargs)) or caches[-1]
+        model.blocks[0].ffn.register_forward_hook(lambda *_: grad_calls.append(torch.is_grad_enabled()))
+        with active_adapter(model, dmd.GENERATOR):
+            x = dmd.rollout_with_exit(model, prompt, explicit_noise(blocks=3), 3, SHAPE, schedule, schedule.warp(), 1,
+                                      batch_size=2)
+            grads = torch.autograd.grad(x.square().sum(), params)
+        return x, grads, caches[0], sum(grad_calls)
+
+    x, grads, cache, grad_calls = run(False)
+    x_ckpt, grads_ckpt, cache_ckpt, grad_calls_ckpt = run(True)
+    assert grad_calls_ckpt == 2 * grad_calls == 6  # each block's exit step ran again in backward
+    torch.testing.assert_close(x_ckpt, x, atol=0, rtol=0)
+    for ours, reference in zip(grads_ckpt, grads):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    assert cache_ckpt.slot_frames == cache.slot_frames == list(range(9))
+    assert torch.equal(cache_ckpt.k, cache.k) and torch.equal(cache_ckpt.v, cache.v)
