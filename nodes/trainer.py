@@ -133,7 +133,7 @@ class SelfForcingTrainer(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
             trainer.run(checkpoint_dir=run_dir, between_steps=between_steps)
             lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
-            trainer.save_generator_lora(lora_path)
+            trainer.save_generator(lora_path)
             curves = loss_curve_image(trainer.history)[None]
         finally:
             trainer.close()

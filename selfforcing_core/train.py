@@ -1,18 +1,27 @@
-"""Command line trainer: ``python -m selfforcing_core.train CONFIG.json`` (one process or torchrun).
+"""Command line trainer: prepare a dataset from clips, then train (one process or torchrun).
 
-CONFIG is a JSON object::
+1. ``python -m selfforcing_core.train prepare CLIPS CACHE --encoder taew2_1.safetensors
+   --prompt prompt.safetensors --negative negative.safetensors [--width 832 --height 480
+   --latent-frames 21]`` encodes every clip window of the folder CLIPS into the dataset folder
+   CACHE (``clips.prepare_clips``) with a TAEHV or Wan VAE file, using prompt-embedding files
+   (``prompt_embeddings.py``) instead of a text encoder: one prompt for all clips, so caption
+   files are ignored here (the dataset node embeds captions with the host's text encoder).
+2. ``python -m selfforcing_core.train CONFIG.json`` trains; CONFIG is a JSON object::
 
     {"model": "self_forcing_dmd.safetensors",   # generator checkpoint (any layout load_generator reads)
-     "dataset": "clips_cache/",                  # folder prepared by clips.prepare_clips (index.json)
-     "output": "runs/my_lora/",                  # checkpoint.pt and the LoRA file go here
+     "dataset": "clips_cache/",                  # folder made by step 1 or the dataset node (index.json)
+     "output": "runs/my_lora/",                  # checkpoint.pt and the result go here
      "num_heads": null, "text_len": 512, "dtype": "auto",   # optional model-loading options
-     "lora_name": "my_lora.safetensors",         # optional, default <output>/lora.safetensors
+     "result_name": "my_lora.safetensors",       # optional, default lora.safetensors, or
+                                                 # generator.safetensors with "finetune": "full"
      "training": {"steps": 600, "batch_size": 8, ...}}      # TrainConfig fields
 
 Scaling out: ``torchrun --nproc_per_node N -m selfforcing_core.train CONFIG.json``; each process
-takes ``batch_size / N`` samples of every global batch and adapter gradients are averaged
-(NCCL on GPUs, gloo on CPUs). A run resumes from ``<output>/checkpoint.pt`` when it exists.
+takes ``batch_size / N`` samples of every global batch; adapter gradients are averaged, a fully
+fine-tuned generator is sharded with FSDP (NCCL on GPUs, gloo on CPUs). A run resumes from
+``<output>/checkpoint.pt`` when it exists.
 """
+import argparse
 import json
 import os
 import sys
@@ -21,10 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import load_generator
-from .clips import load_clips
+from .clips import load_clips, prepare_clips
+from .latents import load_codec
+from .prompt_embeddings import load_prompt_embeddings
 from .trainer import Trainer, TrainConfig
 
-KNOWN_KEYS = {"model", "dataset", "output", "num_heads", "head_dim", "text_len", "dtype", "lora_name", "training"}
+KNOWN_KEYS = {"model", "dataset", "output", "num_heads", "head_dim", "text_len", "dtype", "result_name", "training"}
 
 
 def read_config(path) -> dict:
@@ -51,10 +62,37 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def prepare(argv):
+    """The ``prepare`` command: clips folder -> dataset folder (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m selfforcing_core.train prepare",
+                                     description="Encode a folder of clips into a training dataset folder.")
+    parser.add_argument("clips", help="folder of videos (mp4/webm/gif/...) or image-sequence folders")
+    parser.add_argument("cache", help="dataset folder to write (reused windows are not encoded again)")
+    parser.add_argument("--encoder", required=True, help="TAEHV (taew2_1) or Wan 2.1 VAE weights with an encoder")
+    parser.add_argument("--prompt", required=True, help="prompt-embedding file used for every clip")
+    parser.add_argument("--negative", required=True, help="prompt-embedding file of the negative prompt")
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--latent-frames", type=int, default=21, help="latent frames per window (video: 1 + 4 (F - 1))")
+    args = parser.parse_args(argv)
+    codec = load_codec(args.encoder, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def embedding(path):  # first entry's context [L, text_dim]
+        return load_prompt_embeddings(path)[0][0][0]
+    data = prepare_clips(args.clips, args.cache, codec.encode_video, width=args.width, height=args.height,
+                         latent_frames=args.latent_frames, negative=embedding(args.negative),
+                         prompt=embedding(args.prompt), encoder_name=os.path.basename(args.encoder))
+    print(f"prepared {len(data.names)} windows of {args.latent_frames} latent frames in {args.cache}", flush=True)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        return prepare(argv[1:])
     if len(argv) != 1:
-        raise SystemExit("usage: python -m selfforcing_core.train CONFIG.json")
+        raise SystemExit("usage: python -m selfforcing_core.train CONFIG.json\n"
+                         "       python -m selfforcing_core.train prepare CLIPS CACHE --encoder FILE --prompt FILE "
+                         "--negative FILE [--width W --height H --latent-frames F]")
     config = read_config(argv[0])
     device = init_distributed()
     model = load_generator(config["model"], dtype=config.get("dtype", "auto"), device=device,
@@ -62,6 +100,8 @@ def main(argv=None):
                            text_len=config.get("text_len", 512))
     trainer = Trainer(model, load_clips(config["dataset"]), TrainConfig.from_dict(config.get("training", {})))
     output = config["output"]
+    if trainer.sharded and trainer.rank == 0:
+        print(f"generator sharded with FSDP over {trainer.world_size} processes", flush=True)
     if trainer.resume(output) and trainer.rank == 0:
         print(f"resumed from {os.path.join(output, 'checkpoint.pt')} at step {trainer.step}", flush=True)
 
@@ -70,10 +110,11 @@ def main(argv=None):
             losses = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step" and v is not None)
             print(f"step {record['step'] + 1}/{trainer.cfg.steps} {losses}", flush=True)
     trainer.run(checkpoint_dir=output, between_steps=report)
+    default_name = "generator.safetensors" if trainer.cfg.finetune == "full" else "lora.safetensors"
+    result = os.path.join(output, config.get("result_name", default_name))
+    trainer.save_generator(result)
     if trainer.rank == 0:
-        lora_path = os.path.join(output, config.get("lora_name", "lora.safetensors"))
-        trainer.save_generator_lora(lora_path)
-        print(f"saved {lora_path}", flush=True)
+        print(f"saved {result}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,16 +1,30 @@
 """The self-rollout DMD training loop on a user's clips: optimisers, schedule, EMA, checkpoints.
 
-One ``Trainer`` owns a frozen base generator with three LoRA adapters (see ``dmd.py``). Each
-``train_step``: a generator update every ``dfake_gen_update_ratio`` steps (first, as the official
-trainer does), then one critic update, then (if ``real_lora_weight`` > 0) one update of the
-teacher's clip adapter. All randomness of step s comes from a generator seeded with
+One ``Trainer`` owns a frozen base generator with three LoRA adapters (see ``dmd.py``), or, with
+``finetune="full"``, trains the generator's own weights while the critic and teacher adapters
+sit on a frozen copy of the base (they must keep the original weights).
+
+Memory of full fine-tuning per parameter, for weights of w bytes: generator w, frozen copy w,
+gradient w, two AdamW moments 2w (gradients and moments take the weight dtype, so load fp32
+weights for it; CUDA still computes in bf16 autocast), plus a float32 EMA (4 bytes) on the CPU:
+5w + 4 bytes, 34 GB for the 1.42e9 parameters of the 1.3B model in fp32, before activations.
+Under FSDP the generator, its gradients and moments are split across processes; the frozen copy
+and the EMA are whole in every process.
+
+Each ``train_step``: a generator update every ``dfake_gen_update_ratio`` steps (first, as the
+official trainer does), then one critic update, then (if ``real_lora_weight`` > 0) one update of
+the teacher's clip adapter. All randomness of step s comes from a generator seeded with
 ``(seed, s)``, and every random tensor is drawn for the *global* batch and then sliced to this
 rank, so a run is reproducible across resumes and equal for any number of processes.
 
 Data parallel (``world_size`` > 1, torch.distributed initialised): each rank takes its slice of
 the global batch and adapter gradients are averaged with ``all_reduce`` before clipping (what
 DDP does; DDP's one-module-one-forward wrapper does not fit adapter switching on one model).
+A fully fine-tuned generator is sharded with FSDP (``fully_shard`` per transformer block and at
+the root; it reduce-scatters the averaged gradients itself); checkpoints and saved weights are
+gathered whole, so a run resumes on any number of processes.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -20,9 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import dmd
-from .atomic import save_torch
+from .atomic import save_safetensors, save_torch
 from .lora import DEFAULT_TARGETS, active_adapter, adapter_parameters, inject_lora, remove_lora, save_lora
 from .model import CausalWanModel
 from .rollout import NoiseSource
@@ -36,11 +52,12 @@ class TrainConfig:
     """Hyper-parameters; defaults follow the paper's DMD config where it applies to LoRA training."""
 
     steps: int = 600
+    finetune: str = "lora"  # "lora": generator adapter on the frozen base; "full": the generator's own weights
     batch_size: int = 1  # global batch (split across processes)
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: alpha = rank (scale 1)
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    generator_lr: float = 1e-4  # LoRA learning rates (the paper's full fine-tune used 2e-6 / 4e-7)
+    generator_lr: float = 1e-4  # LoRA learning rates (the paper's full fine-tune: generator 2e-6)
     critic_lr: float = 1e-4
     real_lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.999)
@@ -87,6 +104,18 @@ def stack_prompts(prompts: list) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[0])) for p in prompts])
 
 
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process calls it); plain tensors as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_whole(param: torch.Tensor, whole: torch.Tensor):
+    """Copy a whole tensor into a parameter, taking this process's shard of an FSDP parameter."""
+    if isinstance(param, DTensor):
+        whole = distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(whole)
+
+
 def world() -> tuple[int, int]:
     """(rank, world_size) of the running torch.distributed group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -95,10 +124,10 @@ def world() -> tuple[int, int]:
 
 
 class Trainer:
-    """Self-rollout DMD fine-tuning of ``model`` (frozen) through three LoRA adapters."""
+    """Self-rollout DMD fine-tuning of ``model`` through LoRA adapters (``finetune="full"``: its own weights)."""
 
     def __init__(self, model: CausalWanModel, data: ClipBatchSource, cfg: TrainConfig):
-        self.cfg, self.data, self.model = cfg, data, model
+        self.cfg, self.data = cfg, data
         self.rank, self.world_size = world()
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world_size} processes")
@@ -108,6 +137,8 @@ class Trainer:
                              f"size {cfg.frames_per_block}")
         if data.latents.shape[2] != model.cfg.in_dim:
             raise ValueError(f"clip latents have {data.latents.shape[2]} channels, the model expects {model.cfg.in_dim}")
+        if cfg.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {cfg.finetune!r}")
         self.device = model.patch_embedding.weight.device
         self.schedule = FlowMatchSchedule(cfg.timestep_shift)
         self.timesteps = self.schedule.warp(cfg.denoising_steps)
@@ -116,19 +147,31 @@ class Trainer:
                 if p is not None and p.is_inference():
                     module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
         model.requires_grad_(False)
-        self.params, self.optimizers = {}, {}
-        lrs = {dmd.GENERATOR: cfg.generator_lr, dmd.FAKE: cfg.critic_lr, dmd.REAL: cfg.real_lr}
-        adapters = [dmd.GENERATOR, dmd.FAKE] + ([dmd.REAL] if cfg.real_lora_weight else [])
+        full = cfg.finetune == "full"
+        self.generator = model  # the rollout network; critic and teacher run on self.scores
+        self.scores = copy.deepcopy(model) if full else model
         init = torch.Generator().manual_seed(cfg.seed)  # same adapter initialisation in every process
-        for name in adapters:
-            inject_lora(model, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, init)
-            self.params[name] = adapter_parameters(model, name)
-            for p in self.params[name].values():
-                p.requires_grad_(True)
-            self.optimizers[name] = torch.optim.AdamW(self.params[name].values(), lr=lrs[name], betas=cfg.betas,
-                                                      weight_decay=cfg.weight_decay)
+        for name in ([] if full else [dmd.GENERATOR]) + [dmd.FAKE] + ([dmd.REAL] if cfg.real_lora_weight else []):
+            owner = model if name == dmd.GENERATOR else self.scores
+            inject_lora(owner, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, init)
         if cfg.gradient_checkpointing:
-            dmd.enable_gradient_checkpointing(model)
+            for network in {id(m): m for m in (model, self.scores)}.values():
+                dmd.enable_gradient_checkpointing(network)
+        self.sharded = full and self.world_size > 1
+        if self.sharded:
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        self.params = {name: adapter_parameters(self.scores, name) for name in (dmd.FAKE, dmd.REAL)
+                       if name != dmd.REAL or cfg.real_lora_weight}
+        self.params[dmd.GENERATOR] = dict(model.named_parameters()) if full else adapter_parameters(model, dmd.GENERATOR)
+        lrs = {dmd.GENERATOR: cfg.generator_lr, dmd.FAKE: cfg.critic_lr, dmd.REAL: cfg.real_lr}
+        self.optimizers = {}
+        for name, params in self.params.items():
+            for p in params.values():
+                p.requires_grad_(True)
+            self.optimizers[name] = torch.optim.AdamW(params.values(), lr=lrs[name], betas=cfg.betas,
+                                                      weight_decay=cfg.weight_decay)
         self.step = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
@@ -163,10 +206,10 @@ class Trainer:
         return self._rank_slice(t), self._rank_slice(noise)
 
     def _rollout(self, prompt, noise, exit_step, num_blocks) -> torch.Tensor:
+        """The generator's rollout (the caller activates the generator adapter)."""
         shape = tuple(self.data.latents.shape[2:])
-        with active_adapter(self.model, dmd.GENERATOR):
-            return dmd.rollout_with_exit(self.model, prompt, noise, num_blocks, shape, self.schedule, self.timesteps,
-                                         exit_step, self.cfg.frames_per_block, prompt.shape[0])
+        return dmd.rollout_with_exit(self.generator, prompt, noise, num_blocks, shape, self.schedule, self.timesteps,
+                                     exit_step, self.cfg.frames_per_block, prompt.shape[0])
 
     def _negative(self, batch: int) -> torch.Tensor:
         return self.data.negative.to(self.device)[None].expand(batch, -1, -1)
@@ -177,7 +220,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.params[adapter].values())
-        if self.world_size > 1:
+        if self.world_size > 1 and not (self.sharded and adapter == dmd.GENERATOR):  # FSDP averages its own
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
@@ -195,36 +238,38 @@ class Trainer:
     def generator_step(self, rng: torch.Generator) -> float:
         cfg = self.cfg
         prompt, noise, exit_step, num_blocks = self._draw_rollout(rng)
-        x = self._rollout(prompt, noise, exit_step, num_blocks)
-        t, eps = self._draw_noising(rng, x.shape[1:])
-        x0_real, x0_fake = dmd.critic_and_real_inputs(self.model, self.schedule, x, eps, t, prompt,
-                                                      self._negative(x.shape[0]), cfg.guidance_scale,
-                                                      cfg.real_lora_weight)
-        loss = self._update(dmd.GENERATOR, dmd.dmd_generator_loss(x, x0_real, x0_fake))
+        with active_adapter(self.generator, dmd.GENERATOR):  # backward inside: checkpointed exit steps recompute
+            x = self._rollout(prompt, noise, exit_step, num_blocks)
+            t, eps = self._draw_noising(rng, x.shape[1:])
+            x0_real, x0_fake = dmd.critic_and_real_inputs(self.scores, self.schedule, x, eps, t, prompt,
+                                                          self._negative(x.shape[0]), cfg.guidance_scale,
+                                                          cfg.real_lora_weight)
+            loss = self._update(dmd.GENERATOR, dmd.dmd_generator_loss(x, x0_real, x0_fake))
         self._update_ema()
         return loss
 
     def critic_step(self, rng: torch.Generator) -> float:
         prompt, noise, exit_step, num_blocks = self._draw_rollout(rng)
-        with torch.no_grad():
+        with torch.no_grad(), active_adapter(self.generator, dmd.GENERATOR):
             x = self._rollout(prompt, noise, exit_step, num_blocks)
         t, eps = self._draw_noising(rng, x.shape[1:])
-        with active_adapter(self.model, dmd.FAKE):  # backward inside: checkpointed blocks recompute with it
-            return self._update(dmd.FAKE, dmd.flow_matching_loss(self.model, self.schedule, x, eps, t, prompt))
+        with active_adapter(self.scores, dmd.FAKE):  # backward inside: checkpointed blocks recompute with it
+            return self._update(dmd.FAKE, dmd.flow_matching_loss(self.scores, self.schedule, x, eps, t, prompt))
 
     def real_step(self, rng: torch.Generator) -> float:
         index = torch.randint(len(self.data.prompts), (self.cfg.batch_size,), generator=rng)
         clips = self._rank_slice(self.data.latents[index])
         prompt = self._rank_slice(stack_prompts([self.data.prompts[i] for i in index.tolist()]))
         t, eps = self._draw_noising(rng, clips.shape[1:])
-        with active_adapter(self.model, dmd.REAL):
-            return self._update(dmd.REAL, dmd.flow_matching_loss(self.model, self.schedule, clips.float(), eps, t,
+        with active_adapter(self.scores, dmd.REAL):
+            return self._update(dmd.REAL, dmd.flow_matching_loss(self.scores, self.schedule, clips.float(), eps, t,
                                                                  prompt))
 
     def train_step(self) -> dict:
         """One iteration; returns and records ``{"step", "generator", "critic", "real"}`` losses (None if skipped)."""
         rng = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        self.model.train()
+        self.generator.train()
+        self.scores.train()
         record = {"step": self.step, "generator": None, "critic": None, "real": None}
         if self.step % self.cfg.dfake_gen_update_ratio == 0:
             record["generator"] = self.generator_step(rng)
@@ -238,12 +283,12 @@ class Trainer:
     def _update_ema(self):
         if self.step < self.cfg.ema_start_step:
             return
-        live = self.params[dmd.GENERATOR]
+        live = {name: gathered(p.detach()).float().cpu() for name, p in self.params[dmd.GENERATOR].items()}
         if self.ema is None:
-            self.ema = {name: p.detach().float().cpu().clone() for name, p in live.items()}
+            self.ema = {name: p.clone() for name, p in live.items()}
             return
         for name, p in live.items():
-            self.ema[name].lerp_(p.detach().float().cpu(), 1 - self.cfg.ema_decay)
+            self.ema[name].lerp_(p, 1 - self.cfg.ema_decay)
 
     # ----------------------------------------------------------------------------------- run / save
     def run(self, steps: int | None = None, checkpoint_dir=None, between_steps=None) -> list[dict]:
@@ -268,18 +313,26 @@ class Trainer:
         return self.history
 
     def close(self):
-        """Give the model back as it came: adapters removed, checkpointing off, eval mode."""
-        remove_lora(self.model)
-        dmd.disable_gradient_checkpointing(self.model)
-        self.model.eval()
+        """Give the model back: adapters removed, checkpointing off, eval mode, no gradients (its
+        weights are the trained ones with ``finetune="full"``; unchanged with LoRA)."""
+        for network in {id(m): m for m in (self.generator, self.scores)}.values():
+            remove_lora(network)
+            dmd.disable_gradient_checkpointing(network)
+            network.eval().requires_grad_(False)
 
     def state_dict(self) -> dict:
+        """Everything a resume needs, gathered whole (a collective under FSDP: every process calls it)."""
+        optimizers = {}
+        for name, opt in self.optimizers.items():
+            state = opt.state_dict()
+            state["state"] = {i: {k: gathered(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+            optimizers[name] = state
         return {
             "step": self.step,
             "config": json.dumps(dataclasses.asdict(self.cfg)),
-            "adapters": {name: {k: p.detach().cpu().clone() for k, p in params.items()}
-                         for name, params in self.params.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "parameters": {name: {k: gathered(p.detach()).cpu().clone() for k, p in params.items()}
+                           for name, params in self.params.items()},
+            "optimizers": optimizers,
             "ema": self.ema,
             "history": self.history,
         }
@@ -294,15 +347,20 @@ class Trainer:
         with torch.no_grad():
             for name, params in self.params.items():
                 for key, p in params.items():
-                    p.copy_(state["adapters"][name][key])
+                    copy_whole(p, state["parameters"][name][key])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            for p in self.params[name].values():  # moments of FSDP parameters back to this process's shard
+                for key, value in opt.state[p].items():
+                    if isinstance(p, DTensor) and value.shape == p.shape:
+                        opt.state[p][key] = distribute_tensor(value, p.device_mesh, p.placements)
         self.step, self.ema, self.history = state["step"], state["ema"], list(state["history"])
 
     def save_checkpoint(self, folder):
-        """Write ``folder/checkpoint.pt`` atomically (rank 0 only)."""
+        """Write ``folder/checkpoint.pt`` atomically (gathered by every process, written by rank 0)."""
+        state = self.state_dict()
         if self.rank == 0:
-            save_torch(self.state_dict(), os.path.join(folder, CHECKPOINT_NAME))
+            save_torch(state, os.path.join(folder, CHECKPOINT_NAME))
 
     def resume(self, folder) -> bool:
         """Load ``folder/checkpoint.pt`` if it exists; returns whether it did."""
@@ -312,12 +370,21 @@ class Trainer:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return True
 
-    def save_generator_lora(self, path, use_ema: bool = True):
-        """Save the generator adapter (its EMA when there is one) as a LoRA file, atomically."""
-        params = self.ema if use_ema and self.ema is not None else None
-        metadata = {"format": "self-forcing-lora/1", "steps": str(self.step), "ema": str(params is not None),
-                    "rank": str(self.cfg.lora_rank)}
-        save_lora(self.model, dmd.GENERATOR, path, params=params, metadata=metadata)
+    def save_generator(self, path, use_ema: bool = True):
+        """Save the generator (its EMA when there is one), atomically, by rank 0 (every process calls it):
+        the adapter as a LoRA file, or with ``finetune="full"`` all weights in the Wan layout
+        (``checkpoint.load_generator`` reads it)."""
+        params = self.params[dmd.GENERATOR]
+        ema = self.ema if use_ema else None
+        metadata = {"format": f"self-forcing-{self.cfg.finetune}/1", "steps": str(self.step), "ema": str(ema is not None)}
+        if self.cfg.finetune == "lora":
+            if self.rank == 0:
+                save_lora(self.generator, dmd.GENERATOR, path, params=ema, metadata=dict(metadata, rank=str(self.cfg.lora_rank)))
+            return
+        weights = {name: (ema[name] if ema else gathered(p.detach())).to(p.dtype).cpu().contiguous()
+                   for name, p in params.items()}
+        if self.rank == 0:
+            save_safetensors(weights, path, metadata)
 
 
 def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -> torch.Tensor:

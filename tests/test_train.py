@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from selfforcing_core import dmd
-from selfforcing_core.clips import prepare_clips
+from selfforcing_core.checkpoint import load_generator
+from selfforcing_core import train
+from selfforcing_core.clips import load_clips, read_frames, resize_center_crop
+from selfforcing_core.latents import load_codec
+from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from selfforcing_core.lora import active_adapter, adapter_parameters
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, sample_video
 from selfforcing_core.trainer import CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig, loss_curve_image
-from test_clips import fake_encoder
+from decoder_weights import taehv_state_dict, wan_vae_state_dict
+from test_trainer_e2e import write_gif
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -55,55 +59,104 @@ def changed(model, before):
                                            ("real_step", dmd.REAL)])
 def test_each_update_changes_exactly_its_own_adapter(step, adapter):
     trainer = Trainer(tiny_model(), tiny_data(), small_config(ema_start_step=0))
-    before = snapshot(trainer.model)
+    before = snapshot(trainer.generator)
     loss = getattr(trainer, step)(torch.Generator().manual_seed(0))
     assert torch.isfinite(torch.tensor(loss))
-    own = {name for name, _ in trainer.model.named_parameters() if name.endswith(f".{adapter}")}
-    assert own and changed(trainer.model, before) == own
+    own = {name for name, _ in trainer.generator.named_parameters() if name.endswith(f".{adapter}")}
+    assert own and changed(trainer.generator, before) == own
     if adapter == dmd.GENERATOR:
-        assert trainer.ema is not None and set(trainer.ema) == set(adapter_parameters(trainer.model, adapter))
+        assert trainer.ema is not None and set(trainer.ema) == set(adapter_parameters(trainer.generator, adapter))
 
 
-def test_resume_from_an_interrupt_reproduces_an_uninterrupted_run(tmp_path):
-    straight = Trainer(tiny_model(), tiny_data(), small_config())
+def test_full_finetune_trains_the_generator_weights_while_critic_and_teacher_keep_the_base(tmp_path):
+    base = snapshot(tiny_model())
+    trainer = Trainer(tiny_model(), tiny_data(), small_config(finetune="full", ema_start_step=0))
+    trainer.generator_step(torch.Generator().manual_seed(0))
+    assert changed(trainer.generator, base) == set(base)  # every weight of the generator trains
+    scores_before = snapshot(trainer.scores)
+    scores_base = {name.replace(".base.", "."): p for name, p in scores_before.items() if name in base or ".base." in name}
+    assert scores_base.keys() == base.keys() and all(torch.equal(scores_base[k], v) for k, v in base.items())
+    trainer.critic_step(torch.Generator().manual_seed(1))
+    assert changed(trainer.scores, scores_before) == {n for n in scores_before if n.endswith(f".{dmd.FAKE}")}
+    trainer.save_generator(tmp_path / "full.safetensors")
+    loaded = load_generator(tmp_path / "full.safetensors", num_heads=2, text_len=16)
+    assert loaded.state_dict().keys() == trainer.ema.keys()
+    assert all(torch.equal(v, trainer.ema[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_from_an_interrupt_reproduces_an_uninterrupted_run(tmp_path, finetune):
+    straight = Trainer(tiny_model(), tiny_data(), small_config(finetune=finetune))
     straight.run()
 
     def interrupt_after_four(record):
         if record["step"] == 3:
             raise KeyboardInterrupt
-    first = Trainer(tiny_model(), tiny_data(), small_config())
+    first = Trainer(tiny_model(), tiny_data(), small_config(finetune=finetune))
     with pytest.raises(KeyboardInterrupt):
         first.run(checkpoint_dir=tmp_path, between_steps=interrupt_after_four)
-    resumed = Trainer(tiny_model(), tiny_data(), small_config())
+    resumed = Trainer(tiny_model(), tiny_data(), small_config(finetune=finetune))
     assert resumed.resume(tmp_path) and resumed.step == 4
     resumed.run(checkpoint_dir=tmp_path)
-    for name, p in straight.model.named_parameters():
-        assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+    for network in ("generator", "scores"):
+        ours = dict(getattr(resumed, network).named_parameters())
+        for name, p in getattr(straight, network).named_parameters():
+            assert torch.equal(p, ours[name]), name
     assert straight.ema.keys() == resumed.ema.keys()
     assert all(torch.equal(straight.ema[k], resumed.ema[k]) for k in straight.ema)
     assert straight.history == resumed.history
     with pytest.raises(ValueError, match="different options"):
-        Trainer(tiny_model(), tiny_data(), small_config(lora_rank=8)).resume(tmp_path)
+        Trainer(tiny_model(), tiny_data(), small_config(finetune=finetune, lora_rank=8)).resume(tmp_path)
 
 
-def write_run_folder(folder: Path, nproc: int) -> Path:
-    """A tiny model file, a prepared clip dataset and a CLI config."""
+def write_clip_folder(folder: Path) -> Path:
+    """Three tiny gif clips of 9 frames (one 3-latent-frame window each)."""
+    folder.mkdir(parents=True)
+    for c in range(3):
+        write_gif(folder / f"clip{c}.gif")
+    return folder
+
+
+def write_run_folder(folder: Path, finetune: str) -> Path:
+    """A tiny model file, a clip dataset prepared by the CLI's prepare command (tiny TAEHV) and a CLI config."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tiny_model().state_dict(), folder / "model.safetensors")
-    clips = folder / "clips"
-    for c in range(3):
-        (clips / f"clip{c}").mkdir(parents=True)
-        for i in range(9):
-            Image.new("RGB", (32, 32), (20 * i + c, 100, 200 - 10 * i)).save(clips / f"clip{c}" / f"{i:02}.png")
+    save_file(taehv_state_dict(), folder / "taew2_1.safetensors")
     g = torch.Generator().manual_seed(0)
-    prepare_clips(clips, folder / "cache", fake_encoder([]), width=32, height=32, latent_frames=3,
-                  negative=torch.randn(4, 32, generator=g), prompt=torch.randn(6, 32, generator=g))
+    for name, length in (("prompt", 6), ("negative", 4)):
+        save_prompt_embeddings(folder / f"{name}.safetensors", [(torch.randn(1, length, 32, generator=g), {})])
+    train.main(["prepare", str(write_clip_folder(folder / "clips")), str(folder / "cache"), "--encoder",
+                str(folder / "taew2_1.safetensors"), "--prompt", str(folder / "prompt.safetensors"),
+                "--negative", str(folder / "negative.safetensors"), "--width", "32", "--height", "32",
+                "--latent-frames", "3"])
     config = {"model": str(folder / "model.safetensors"), "dataset": str(folder / "cache"),
               "output": str(folder / "out"), "num_heads": 2, "text_len": 16,
               "training": {"steps": 3, "batch_size": 4, "lora_rank": 4, "generator_lr": 1e-3, "critic_lr": 1e-3,
-                           "real_lr": 1e-3, "dfake_gen_update_ratio": 2, "ema_start_step": 0}}
+                           "real_lr": 1e-3, "dfake_gen_update_ratio": 2, "ema_start_step": 0, "finetune": finetune}}
     (folder / "config.json").write_text(json.dumps(config))
     return folder / "config.json"
+
+
+def test_prepare_command_encodes_clips_with_either_encoder_file(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    save_prompt_embeddings(tmp_path / "prompt.safetensors", [(torch.randn(1, 6, 32, generator=g), {})])
+    save_prompt_embeddings(tmp_path / "negative.safetensors", [(torch.randn(1, 4, 32, generator=g), {})])
+    clips = write_clip_folder(tmp_path / "clips")
+    (clips / "broken.mp4").write_bytes(b"nothing")
+    pixels = torch.stack([resize_center_crop(read_frames(clips / f"clip{c}.gif"), 32, 32) for c in range(3)])
+    for name, weights in (("taew2_1.safetensors", taehv_state_dict()), ("wan_2.1_vae.safetensors", wan_vae_state_dict())):
+        save_file(weights, tmp_path / name)
+        train.main(["prepare", str(clips), str(tmp_path / f"cache-{name}"), "--encoder", str(tmp_path / name),
+                    "--prompt", str(tmp_path / "prompt.safetensors"), "--negative",
+                    str(tmp_path / "negative.safetensors"), "--width", "32", "--height", "32", "--latent-frames", "3"])
+        assert "prepared 3 windows of 3 latent frames" in capsys.readouterr().out
+        data = load_clips(tmp_path / f"cache-{name}")
+        with torch.no_grad():
+            expected = load_codec(weights, latent_space="normalised").encode_video(pixels)
+        assert data.names == ["clip0.gif#0", "clip1.gif#0", "clip2.gif#0"] and data.latents.shape == (3, 3, 16, 4, 4)
+        torch.testing.assert_close(data.latents, expected)
+        assert torch.equal(data.prompts[0], load_prompt_embeddings(tmp_path / "prompt.safetensors")[0][0][0])
+        assert torch.equal(data.negative, load_prompt_embeddings(tmp_path / "negative.safetensors")[0][0][0])
 
 
 def run_cli(args, cwd):
@@ -114,25 +167,40 @@ def run_cli(args, cwd):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    single = write_run_folder(tmp_path / "single", 1)
-    double = write_run_folder(tmp_path / "double", 2)
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, finetune):
+    """LoRA: adapter gradients all-reduced; full: the generator sharded by FSDP over gloo. The two-process
+    run stops after 2 steps and resumes for the third (gathered checkpoint, re-sharded optimizer state)."""
+    single = write_run_folder(tmp_path / "single", finetune)
+    double = write_run_folder(tmp_path / "double", finetune)
     out = run_cli([sys.executable, "-m", "selfforcing_core.train", str(single)], tmp_path)
     assert "step 3/3" in out and "saved" in out
-    run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "selfforcing_core.train", str(double)], tmp_path)
+    config = json.loads(double.read_text())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "selfforcing_core.train", str(double)]
+    for steps in (2, 3):
+        config["training"]["steps"] = steps
+        double.write_text(json.dumps(config))
+        out = run_cli(torchrun, tmp_path)
+    assert "resumed" in out and ("FSDP" in out) == (finetune == "full")
     one = torch.load(tmp_path / "single" / "out" / CHECKPOINT_NAME, weights_only=True)
     two = torch.load(tmp_path / "double" / "out" / CHECKPOINT_NAME, weights_only=True)
     assert one["step"] == two["step"] == 3
-    for adapter, params in one["adapters"].items():
+    for network, params in one["parameters"].items():
         for key, value in params.items():
-            torch.testing.assert_close(two["adapters"][adapter][key], value, atol=1e-5, rtol=1e-4)
-    for a, b in zip(one["history"], two["history"]):
+            torch.testing.assert_close(two["parameters"][network][key], value, atol=1e-5, rtol=1e-4)
+    for a, b in zip(one["history"], two["history"], strict=True):
         for name in ("generator", "critic", "real"):
             assert (a[name] is None) == (b[name] is None)
             if a[name] is not None:
                 assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(a[name]))
-    assert (tmp_path / "single" / "out" / "lora.safetensors").is_file()
+    result = "generator.safetensors" if finetune == "full" else "lora.safetensors"
+    saved_one, saved_two = (load_file(tmp_path / run / "out" / result) for run in ("single", "double"))
+    assert saved_one.keys() == saved_two.keys()
+    for key, value in saved_one.items():
+        torch.testing.assert_close(saved_two[key], value, atol=1e-5, rtol=1e-4)
+    if finetune == "full":
+        load_generator(tmp_path / "double" / "out" / result, num_heads=2, text_len=16)
 
 
 def rollout_channel_means(model, prompt, samples=16):
@@ -156,11 +224,11 @@ def test_training_moves_the_generator_toward_the_clips():
         trainer = Trainer(tiny_model(), data, small_config(steps=300, dfake_gen_update_ratio=5, ema_start_step=10 ** 9,
                                                            lora_rank=8, real_lora_weight=real_lora_weight,
                                                            gradient_checkpointing=False))
-        start = rollout_channel_means(trainer.model, data.prompts[0])
+        start = rollout_channel_means(trainer.generator, data.prompts[0])
         curve = [float(start.mean())]
         for steps in range(100, 301, 100):
             trainer.run(steps)
-            curve.append(float(rollout_channel_means(trainer.model, data.prompts[0]).mean()))
+            curve.append(float(rollout_channel_means(trainer.generator, data.prompts[0]).mean()))
         return start, curve
     start, curve = train(1.0)
     _, control = train(0.0)
