@@ -11,6 +11,7 @@ SelfForcingModel = io.Custom("SELFFORCING_MODEL")
 StreamingDecoder = io.Custom("SELFFORCING_DECODER")
 PromptSchedule = io.Custom("SELFFORCING_PROMPT_SCHEDULE")
 LoraList = io.Custom("SELFFORCING_LORA_LIST")
+RuntimeOptionsType = io.Custom("SELFFORCING_RUNTIME_OPTIONS")
 
 CATEGORY = "Self-Forcing"
 PREVIEW_SIZE = 512

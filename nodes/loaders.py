@@ -1,12 +1,16 @@
-"""Load Self-Forcing Model, Self-Forcing LoRA and Load Streaming Decoder."""
+"""Load Self-Forcing Model, Self-Forcing Speed & Memory Options, Self-Forcing LoRA, Load Streaming Decoder."""
+import dataclasses
+import logging
+
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..selfforcing_core.checkpoint import load_generator
+from ..selfforcing_core.fp8 import FP8_FORMATS, GRANULARITIES
 from ..selfforcing_core.latents import load_codec
-from ..selfforcing_core.lora import merge_lora
-from .common import CATEGORY, LoraList, SelfForcingModel, StreamingDecoder, compute_device, file_options, resolve_file
+from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
+from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, StreamingDecoder, compute_device,
+                     file_options, resolve_file)
 
 DECODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,10 +34,20 @@ class LoadSelfForcingModel(io.ComfyNode):
                                        "(bf16 is the usual choice on GPUs; fp32 on the CPU)."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="default: the device ComfyUI runs models on; cpu: keep it on the CPU."),
+                io.Combo.Input("fp8", options=["off", *FP8_FORMATS], default="off", optional=True,
+                               tooltip="Store the transformer's linear weights in 8 bits (about half the memory "
+                                       "of bf16). e4m3fn is the more accurate format. Uses FP8 matrix "
+                                       "multiplication on GPUs that have it (RTX 40xx, H100), else dequantises "
+                                       "layer by layer. FP8 checkpoints load either way."),
                 LoraList.Input("loras", optional=True,
                                tooltip="LoRAs to merge into the weights, from Self-Forcing LoRA nodes."),
+                RuntimeOptionsType.Input("options", optional=True,
+                                         tooltip="torch.compile, block offload and FP8 scale granularity "
+                                                 "(Self-Forcing Speed & Memory Options)."),
             ],
-            outputs=[SelfForcingModel.Output(display_name="model", tooltip="The causal generator, for the Self-Forcing samplers.")],
+            outputs=[SelfForcingModel.Output(display_name="model", tooltip="The causal generator, for the Self-Forcing samplers."),
+                     io.String.Output(display_name="info", tooltip="What was loaded: configuration, dtype and "
+                                                                   "what each option did.")],
         )
 
     @classmethod
@@ -43,17 +57,45 @@ class LoadSelfForcingModel(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, device, loras=None):
+    def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None):
         target = torch.device("cpu") if device == "cpu" else compute_device()
-        model = load_generator(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
-                               dtype=weight_dtype, device=target)
-        for lora_path, strength in loras or []:
-            merge_lora(model, lora_path, strength)
+        options = dataclasses.replace(options or RuntimeOptions(), fp8=fp8)
+        model, report = load_with_options(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
+                                          options, dtype=weight_dtype, device=target, loras=loras or [])
         cfg = model.cfg
-        summary = (f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
-                   f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
-                   f"{next(model.parameters()).dtype}, {len(loras or [])} LoRA(s), on {target}")
-        return io.NodeOutput(model, ui={"text": [summary]})
+        info = "\n".join([f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
+                          f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
+                          f"{model.patch_embedding.weight.dtype}, on {target}", *report])
+        logging.info("Self-Forcing model loaded:\n%s", info)
+        return io.NodeOutput(model, info)
+
+
+class SelfForcingRuntimeOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingRuntimeOptions",
+            display_name="Self-Forcing Speed & Memory Options",
+            category=CATEGORY,
+            description="Optional speed and memory settings for Load Self-Forcing Model.",
+            inputs=[
+                io.Boolean.Input("torch_compile", default=False,
+                                 tooltip="torch.compile the transformer blocks: faster on GPUs after a slow first "
+                                         "block; falls back to normal execution with a warning if unavailable."),
+                io.Int.Input("offload_blocks", default=0, min=0, max=64,
+                             tooltip="Transformer blocks (of 30) kept in CPU memory and copied to the GPU for "
+                                     "each call: less VRAM, slower."),
+                io.Combo.Input("fp8_granularity", options=list(GRANULARITIES), default="tensor",
+                               tooltip="FP8 scales: one per weight (tensor) or one per output row (channel, "
+                                       "slightly more accurate)."),
+            ],
+            outputs=[RuntimeOptionsType.Output(display_name="options", tooltip="For Load Self-Forcing Model.")],
+        )
+
+    @classmethod
+    def execute(cls, torch_compile, offload_blocks, fp8_granularity):
+        return io.NodeOutput(RuntimeOptions(compile=torch_compile, offload_blocks=offload_blocks,
+                                            fp8_granularity=fp8_granularity))
 
 
 class SelfForcingLora(io.ComfyNode):
@@ -120,4 +162,4 @@ class LoadStreamingDecoder(io.ComfyNode):
         return io.NodeOutput(codec)
 
 
-NODES = [LoadSelfForcingModel, SelfForcingLora, LoadStreamingDecoder]
+NODES = [LoadSelfForcingModel, SelfForcingRuntimeOptions, SelfForcingLora, LoadStreamingDecoder]

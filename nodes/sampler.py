@@ -1,4 +1,6 @@
 """Self-Forcing Streaming Sampler, Self-Forcing Prompt Schedule and Streaming Decode."""
+import logging
+
 from comfy_api.latest import io
 
 from ..selfforcing_core.latents import comfy_to_generator
@@ -45,7 +47,9 @@ def sampler_inputs():
 
 def sampler_outputs():
     return [io.Latent.Output(display_name="latent", tooltip="Wan 2.1 LATENT (raw VAE space): VAE Decode works on it."),
-            io.Image.Output(display_name="images", tooltip="Decoded frames (one black frame without a decoder).")]
+            io.Image.Output(display_name="images", tooltip="Decoded frames (one black frame without a decoder)."),
+            io.String.Output(display_name="info", tooltip="Speed of this run and the estimated device memory "
+                                                          "(weights, KV cache, activations).")]
 
 
 def sampling_arguments(model, positive, width, height, length, seed, steps, kv_window_frames, sink_frames,
@@ -74,7 +78,8 @@ def sampler_output(video):
     frames = video.frames
     if frames is None:
         frames = video.latents.new_zeros(1, 1, 3, video.latents.shape[-2] * 8, video.latents.shape[-1] * 8)
-    return io.NodeOutput(to_latent(video.latents), to_image(frames))
+    logging.info("Self-Forcing sampler: %s", video.report)
+    return io.NodeOutput(to_latent(video.latents), to_image(frames), video.report)
 
 
 class SelfForcingStreamingSampler(io.ComfyNode):

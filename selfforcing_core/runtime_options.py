@@ -3,8 +3,8 @@
     options = RuntimeOptions(fp8="e4m3fn", compile=True, offload_blocks=10)
     model, report = load_with_options("self_forcing_dmd.pt", options, dtype="bf16", device="cuda")
 
-Order: FP8 conversion while loading, then block offload (moves the model to the device), then
-the FP8 compute path for that device, then compilation. ``report`` lists what was done and why
+Order: FP8 conversion while loading, LoRA merges, then block offload (moves the model to the
+device), then the FP8 compute path for that device, then compilation. ``report`` lists what was done and why
 (one line per option), for the node to show.
 """
 from dataclasses import dataclass
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .checkpoint import load_generator
 from .compile import compile_blocks
 from .fp8 import FP8_FORMATS, GRANULARITIES, choose_fp8_matmul
+from .lora import merge_lora
 from .offload import offload_blocks
 
 
@@ -32,11 +33,15 @@ class RuntimeOptions:
 
 
 def load_with_options(path_or_state_dict, options: RuntimeOptions = RuntimeOptions(), dtype="auto",
-                      device="cpu", **load_kwargs):
-    """``load_generator`` plus the runtime options. Returns (model, report lines)."""
+                      device="cpu", loras=(), **load_kwargs):
+    """``load_generator`` plus LoRAs merged into the weights (``[(path or state dict, strength)]``,
+    before FP8 compute, offload and compilation see them) and the runtime options.
+    Returns (model, report lines)."""
     model = load_generator(path_or_state_dict, dtype=dtype, device="cpu", fp8=options.fp8,
                            fp8_granularity=options.fp8_granularity, compute_device=device, **load_kwargs)
-    report = [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
+    report = [f"LoRA {index + 1}: {merge_lora(model, source, strength)} layers merged at strength {strength}"
+              for index, (source, strength) in enumerate(loras)]
+    report += [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
     if options.compile:
         report.append(compile_blocks(model, device))
     return model, report

@@ -4,11 +4,13 @@ This is the entry point the sampler nodes call: it joins the rollout (``rollout.
 and a streaming decoder (``latents.VideoStream``), trims whole blocks to the requested length,
 and reports every block (latents and decoded frames) to a callback for progress and previews.
 """
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .memory import estimate_for_model
 from .rollout import BlockGuide, NoiseSource, PromptSwitch, stream_blocks
 from .schedule import DEFAULT_STEPS, FlowMatchSchedule
 from .units import blocks_for, video_frames_for
@@ -23,10 +25,12 @@ DEFAULT_PRESET = "4 steps, shift 5 (paper)"
 
 @dataclass
 class GeneratedVideo:
-    """latents: generator latents [B, F, 16, h, w] (normalised); frames: [B, T, 3, 8h, 8w] in [0, 1] or None."""
+    """latents: generator latents [B, F, 16, h, w] (normalised); frames: [B, T, 3, 8h, 8w] in [0, 1] or None;
+    report: memory estimate and timings, for people."""
 
     latents: torch.Tensor
     frames: torch.Tensor | None
+    report: str = ""
 
 
 def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int], *, seed: int,
@@ -48,6 +52,7 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
         raise ValueError(f"unknown step preset {preset!r}; choose one of {', '.join(STEP_PRESETS)}")
     if latent_frames < 1:
         raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    started = time.perf_counter()
     shift, steps = STEP_PRESETS[preset]
     schedule = FlowMatchSchedule(shift)
     num_blocks = blocks_for(latent_frames, frames_per_block)
@@ -73,4 +78,11 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     total_latent = (0 if prefill is None else prefill.shape[1]) + latent_frames
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
-    return GeneratedVideo(video, pixels)
+    seconds = time.perf_counter() - started
+    estimate = estimate_for_model(model, 8 * latent_hw[0], 8 * latent_hw[1], kv_window_frames, total_latent,
+                                  prompt.shape[0], frames_per_block)
+    report = (f"{num_blocks} blocks in {seconds:.1f} s ({seconds / num_blocks:.2f} s per block, "
+              f"{video_frames_for(total_latent) / seconds:.2f} video frames/s"
+              f"{', decoder included' if decoder is not None else ''})\n"
+              f"memory estimate (device): {estimate}")
+    return GeneratedVideo(video, pixels, report)

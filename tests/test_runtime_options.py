@@ -34,3 +34,23 @@ def test_load_with_options_equals_manual_fp8_load_and_reports_each_option():
     videos = [sample_video(m, prompt, 1, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)))
               for m in (model, manual)]
     assert torch.equal(*videos)
+
+
+def test_loras_are_merged_before_fp8_compute_and_offload():
+    from selfforcing_core.lora import merge_lora
+
+    torch.manual_seed(0)
+    state_dict = CausalWanModel(TINY).state_dict()
+    name = "blocks.0.ffn.0"
+    lora = {f"diffusion_model.{name}.lora_down.weight": torch.randn(2, 64),
+            f"diffusion_model.{name}.lora_up.weight": torch.randn(128, 2) * 0.1}
+    options = RuntimeOptions(fp8="e4m3fn", offload_blocks=1)
+    model, report = load_with_options({k: v.clone() for k, v in state_dict.items()}, options,
+                                      loras=[(lora, 0.5)], **LOAD)
+    assert report[0] == "LoRA 1: 1 layers merged at strength 0.5"
+    manual = load_generator({k: v.clone() for k, v in state_dict.items()}, fp8="e4m3fn", **LOAD)
+    merge_lora(manual, lora, 0.5)
+    prompt = torch.randn(1, 5, 32)
+    videos = [sample_video(m, prompt, 1, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)))
+              for m in (model, manual)]
+    assert torch.equal(*videos)

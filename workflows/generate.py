@@ -61,7 +61,8 @@ def prompt(key, text, column=2):
 
 def model_loader():
     return {"key": "model", "type": "SelfForcingModelLoader", "column": 1,
-            "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto", "device": "default"}}
+            "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto", "device": "default",
+                        "fp8": "off"}}
 
 
 def taehv_loader():
@@ -156,7 +157,7 @@ SPECS = {
                    "widgets": {"lora_name": "my_self_forcing_lora.safetensors", "strength": 1.0}},
                   {"key": "tuned", "type": "SelfForcingModelLoader", "column": 3, "title": "2. Model with the LoRA",
                    "mode": MUTED, "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto",
-                                              "device": "default"}},
+                                              "device": "default", "fp8": "off"}},
                   {**sampler(), "column": 4, "mode": MUTED},
                   *[{**node, "column": 5, "mode": MUTED} for node in video_out("finetuned")]],
         "links": [["clip", "CLIP", "positive", "clip"], ["clip", "CLIP", "negative", "clip"],
