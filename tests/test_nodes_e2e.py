@@ -162,3 +162,15 @@ def test_missing_model_file_is_a_validation_error(server):
         server.queue_prompt(sampler_graph(model="nowhere.safetensors"))
     with pytest.raises(PromptValidationError, match="not found"):
         server.queue_prompt(sampler_graph(decoder="vae_approx/nowhere.safetensors"))
+
+
+def test_fp8_weights_with_offload_and_compile_options_run(server):
+    graph = sampler_graph(length=13, seed=21, extra={
+        "11": {"class_type": "SelfForcingRuntimeOptions",
+               "inputs": {"torch_compile": False, "offload_blocks": 1, "fp8_granularity": "channel"}},
+    })
+    graph["1"]["inputs"].update(fp8="e4m3fn", options=["11", 0])
+    frames = video_frames(saved_video(server, server.run(graph, timeout=300)))
+    assert len(frames) == 13 and frames[0].shape == (48, 64, 3)
+    log = server.log()
+    assert "FP8: 20 linear layers in e4m3fn" in log and "offload: 1/2 blocks" in log
