@@ -14,11 +14,12 @@ import torch
 from comfy_api.latest import io
 
 from ..selfforcing_core.clips import prepare_clips, video_frames_for
-from ..selfforcing_core.trainer import Trainer, TrainConfig, loss_curve_image
+from ..selfforcing_core.trainer import Trainer, TrainConfig, draw_loss_curves, format_losses, loss_curve_image
 from .common import CATEGORY, SelfForcingModel, StreamingDecoder, prompt_tensor
 
 TrainingClips = io.Custom("SELFFORCING_TRAINING_CLIPS")
 TRAINING_FOLDER = "self_forcing_training"
+PREVIEW_EVERY = 5  # steps between loss-curve previews on the progress bar
 log = logging.getLogger(__name__)
 
 
@@ -127,9 +128,10 @@ class SelfForcingTrainer(io.ComfyNode):
             progress = comfy.utils.ProgressBar(steps)
 
             def between_steps(record):
-                progress.update_absolute(record["step"] + 1, steps)
-                losses = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step" and v is not None)
-                log.info("Self-Forcing Trainer step %d/%d: %s", record["step"] + 1, steps, losses)
+                done = record["step"] + 1
+                show = done % PREVIEW_EVERY == 0 or done == steps  # the loss curves as the progress preview
+                progress.update_absolute(done, steps, ("JPEG", draw_loss_curves(trainer.history), 512) if show else None)
+                log.info("Self-Forcing Trainer step %d/%d: %s", done, steps, format_losses([record]))
                 comfy.model_management.throw_exception_if_processing_interrupted()
             trainer.run(checkpoint_dir=run_dir, between_steps=between_steps)
             lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
@@ -137,7 +139,8 @@ class SelfForcingTrainer(io.ComfyNode):
             curves = loss_curve_image(trainer.history)[None]
         finally:
             trainer.close()
-        return io.NodeOutput(lora_path, curves, ui={"text": [f"saved {lora_path} after {trainer.step} steps"]})
+        summary = f"saved {lora_path} after {trainer.step} steps; last losses: {format_losses(trainer.history)}"
+        return io.NodeOutput(lora_path, curves, ui={"text": [summary]})
 
 
 NODES = [SelfForcingTrainingClips, SelfForcingTrainer]

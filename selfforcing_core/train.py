@@ -33,7 +33,7 @@ from .checkpoint import load_generator
 from .clips import load_clips, prepare_clips
 from .latents import load_codec
 from .prompt_embeddings import load_prompt_embeddings
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, format_losses
 
 KNOWN_KEYS = {"model", "dataset", "output", "num_heads", "head_dim", "text_len", "dtype", "result_name", "training"}
 
@@ -107,8 +107,7 @@ def main(argv=None):
 
     def report(record):
         if trainer.rank == 0:
-            losses = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step" and v is not None)
-            print(f"step {record['step'] + 1}/{trainer.cfg.steps} {losses}", flush=True)
+            print(f"step {record['step'] + 1}/{trainer.cfg.steps}: {format_losses([record])}", flush=True)
     trainer.run(checkpoint_dir=output, between_steps=report)
     default_name = "generator.safetensors" if trainer.cfg.finetune == "full" else "lora.safetensors"
     result = os.path.join(output, config.get("result_name", default_name))

@@ -164,7 +164,8 @@ class Trainer:
             fully_shard(model)
         self.params = {name: adapter_parameters(self.scores, name) for name in (dmd.FAKE, dmd.REAL)
                        if name != dmd.REAL or cfg.real_lora_weight}
-        self.params[dmd.GENERATOR] = dict(model.named_parameters()) if full else adapter_parameters(model, dmd.GENERATOR)
+        self.params[dmd.GENERATOR] = (dict(model.named_parameters()) if full
+                                      else adapter_parameters(model, dmd.GENERATOR))
         lrs = {dmd.GENERATOR: cfg.generator_lr, dmd.FAKE: cfg.critic_lr, dmd.REAL: cfg.real_lr}
         self.optimizers = {}
         for name, params in self.params.items():
@@ -376,10 +377,12 @@ class Trainer:
         (``checkpoint.load_generator`` reads it)."""
         params = self.params[dmd.GENERATOR]
         ema = self.ema if use_ema else None
-        metadata = {"format": f"self-forcing-{self.cfg.finetune}/1", "steps": str(self.step), "ema": str(ema is not None)}
+        metadata = {"format": f"self-forcing-{self.cfg.finetune}/1", "steps": str(self.step),
+                    "ema": str(ema is not None)}
         if self.cfg.finetune == "lora":
             if self.rank == 0:
-                save_lora(self.generator, dmd.GENERATOR, path, params=ema, metadata=dict(metadata, rank=str(self.cfg.lora_rank)))
+                save_lora(self.generator, dmd.GENERATOR, path, params=ema,
+                          metadata=dict(metadata, rank=str(self.cfg.lora_rank)))
             return
         weights = {name: (ema[name] if ema else gathered(p.detach())).to(p.dtype).cpu().contiguous()
                    for name, p in params.items()}
@@ -387,17 +390,22 @@ class Trainer:
             save_safetensors(weights, path, metadata)
 
 
-def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -> torch.Tensor:
-    """Plot the recorded losses, each curve scaled to its own range (labelled with min/max).
+LOSS_COLOURS = {"generator": (220, 60, 60), "critic": (60, 120, 220), "real": (40, 160, 80)}
 
-    Returns an RGB image [height, width, 3] float in [0, 1] (ComfyUI IMAGE layout without batch).
-    """
+
+def format_losses(history: list[dict]) -> str:
+    """The latest recorded value of each loss, e.g. ``generator 0.01234, critic 0.5, real 0.98``."""
+    latest = {name: r[name] for r in history for name in LOSS_COLOURS if r.get(name) is not None}
+    return ", ".join(f"{name} {value:.4g}" for name, value in latest.items())
+
+
+def draw_loss_curves(history: list[dict], width: int = 640, height: int = 360):
+    """Plot the recorded losses, each curve scaled to its own range (labelled with min/max). -> PIL RGB image."""
     from PIL import Image, ImageDraw
-    colours = {"generator": (220, 60, 60), "critic": (60, 120, 220), "real": (40, 160, 80)}
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     last_step = max([r["step"] for r in history] + [1])
-    for row, (name, colour) in enumerate(colours.items()):
+    for row, (name, colour) in enumerate(LOSS_COLOURS.items()):
         points = [(r["step"], r[name]) for r in history if r.get(name) is not None and math.isfinite(r[name])]
         if not points:
             continue
@@ -406,4 +414,9 @@ def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -
         xy = [(10 + (width - 20) * s / last_step, height - 10 - (height - 40) * (v - low) / span) for s, v in points]
         draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=2)
         draw.text((10, 4 + 10 * row), f"{name}: {low:.4g} .. {high:.4g} (last {points[-1][1]:.4g})", fill=colour)
-    return torch.from_numpy(np.array(image)).float() / 255
+    return image
+
+
+def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -> torch.Tensor:
+    """``draw_loss_curves`` as an RGB image [height, width, 3] float in [0, 1] (ComfyUI IMAGE layout without batch)."""
+    return torch.from_numpy(np.array(draw_loss_curves(history, width, height))).float() / 255
