@@ -18,7 +18,8 @@ from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prom
 from selfforcing_core.lora import active_adapter, adapter_parameters
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, sample_video
-from selfforcing_core.trainer import CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig, loss_curve_image
+from selfforcing_core.trainer import (CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig, format_losses,
+                                     loss_curve_image)
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from test_trainer_e2e import write_gif
 
@@ -252,3 +253,10 @@ def test_close_gives_the_model_back_unchanged_and_the_loss_image_is_drawn():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all("forward" not in block.__dict__ for block in model.blocks)
     assert image.shape == (360, 640, 3) and image.min() < 0.5 < image.max()
+
+
+def test_format_losses_gives_the_latest_value_of_each_loss():
+    history = [{"step": 0, "generator": 1.0, "critic": 2.0, "real": None},
+               {"step": 1, "generator": None, "critic": 0.123456, "real": 3.0}]
+    assert format_losses(history) == "generator 1, critic 0.1235, real 3"
+    assert format_losses(history[1:]) == "critic 0.1235, real 3"
