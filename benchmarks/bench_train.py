@@ -40,8 +40,7 @@ def time_step(fn, repeats):
 def saved_activation_bytes(trainer: Trainer) -> int:
     """Bytes kept for backward by one generator step: distinct storages saved by autograd (parameters
     excluded) plus the cached-context copies of checkpointed exit steps."""
-    params = {p.untyped_storage().data_ptr() for network in (trainer.generator, trainer.scores)
-              for p in network.parameters()}
+    params = {p.untyped_storage().data_ptr() for network in trainer.networks for p in network.parameters()}
     storages = {}
 
     def keep(tensor):

@@ -150,22 +150,20 @@ class Trainer:
         full = cfg.finetune == "full"
         self.generator = model  # the rollout network; critic and teacher run on self.scores
         self.scores = copy.deepcopy(model) if full else model
+        adapters = ([] if full else [dmd.GENERATOR]) + [dmd.FAKE] + ([dmd.REAL] if cfg.real_lora_weight else [])
         init = torch.Generator().manual_seed(cfg.seed)  # same adapter initialisation in every process
-        for name in ([] if full else [dmd.GENERATOR]) + [dmd.FAKE] + ([dmd.REAL] if cfg.real_lora_weight else []):
-            owner = model if name == dmd.GENERATOR else self.scores
-            inject_lora(owner, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, init)
+        for name in adapters:
+            inject_lora(self._network(name), name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, init)
         if cfg.gradient_checkpointing:
-            for network in {id(m): m for m in (model, self.scores)}.values():
+            for network in self.networks:
                 dmd.enable_gradient_checkpointing(network)
         self.sharded = full and self.world_size > 1
         if self.sharded:
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
-        self.params = {name: adapter_parameters(self.scores, name) for name in (dmd.FAKE, dmd.REAL)
-                       if name != dmd.REAL or cfg.real_lora_weight}
-        self.params[dmd.GENERATOR] = (dict(model.named_parameters()) if full
-                                      else adapter_parameters(model, dmd.GENERATOR))
+        self.params = {dmd.GENERATOR: dict(model.named_parameters())} if full else {}
+        self.params.update({name: adapter_parameters(self._network(name), name) for name in adapters})
         lrs = {dmd.GENERATOR: cfg.generator_lr, dmd.FAKE: cfg.critic_lr, dmd.REAL: cfg.real_lr}
         self.optimizers = {}
         for name, params in self.params.items():
@@ -176,6 +174,14 @@ class Trainer:
         self.step = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
+
+    @property
+    def networks(self) -> list[CausalWanModel]:
+        """The distinct models: the generator, and the frozen copy the scores run on with ``finetune="full"``."""
+        return [self.generator] if self.scores is self.generator else [self.generator, self.scores]
+
+    def _network(self, adapter: str) -> CausalWanModel:
+        return self.generator if adapter == dmd.GENERATOR else self.scores
 
     # ----------------------------------------------------------------------------------- sampling
     def _rank_slice(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,8 +275,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One iteration; returns and records ``{"step", "generator", "critic", "real"}`` losses (None if skipped)."""
         rng = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        self.generator.train()
-        self.scores.train()
+        for network in self.networks:
+            network.train()
         record = {"step": self.step, "generator": None, "critic": None, "real": None}
         if self.step % self.cfg.dfake_gen_update_ratio == 0:
             record["generator"] = self.generator_step(rng)
@@ -316,7 +322,7 @@ class Trainer:
     def close(self):
         """Give the model back: adapters removed, checkpointing off, eval mode, no gradients (its
         weights are the trained ones with ``finetune="full"``; unchanged with LoRA)."""
-        for network in {id(m): m for m in (self.generator, self.scores)}.values():
+        for network in self.networks:
             remove_lora(network)
             dmd.disable_gradient_checkpointing(network)
             network.eval().requires_grad_(False)
