@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import dmd
 from .atomic import save_safetensors, save_torch
+from .fp8 import FP8Linear
 from .lora import DEFAULT_TARGETS, active_adapter, adapter_parameters, inject_lora, remove_lora, save_lora
 from .model import CausalWanModel
 from .rollout import NoiseSource
@@ -139,6 +140,9 @@ class Trainer:
             raise ValueError(f"clip latents have {data.latents.shape[2]} channels, the model expects {model.cfg.in_dim}")
         if cfg.finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {cfg.finetune!r}")
+        if cfg.finetune == "full" and any(isinstance(m, FP8Linear) for m in model.modules()):
+            raise ValueError("full fine-tuning trains every weight, but this model keeps its block linears in FP8; "
+                             "load it with fp8 off (fp32 weights for training), or train a LoRA")
         self.device = model.patch_embedding.weight.device
         self.schedule = FlowMatchSchedule(cfg.timestep_shift)
         self.timesteps = self.schedule.warp(cfg.denoising_steps)

@@ -83,6 +83,9 @@ def test_full_finetune_trains_the_generator_weights_while_critic_and_teacher_kee
     loaded = load_generator(tmp_path / "full.safetensors", num_heads=2, text_len=16)
     assert loaded.state_dict().keys() == trainer.ema.keys()
     assert all(torch.equal(v, trainer.ema[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="FP8"):
+        Trainer(load_generator(tiny_model().state_dict(), num_heads=2, text_len=16, fp8="e4m3fn"), tiny_data(),
+                small_config(finetune="full"))
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
