@@ -25,13 +25,12 @@ Keyframes at latent frame k with strength s in [0, 1] (the start block holds no 
 
 Strength 0 leaves the rollout untouched (same noise -> the plain streaming sampler's output).
 """
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
+from .images import resize_to
 from .model import CausalWanModel
 from .rollout import BlockGuide, NoiseSource, PromptSwitch, RolloutState, stream_blocks
 from .streaming import GeneratedVideo, generate_video
@@ -66,19 +65,10 @@ def fit_images(images: torch.Tensor, height: int, width: int, fit: str = "crop")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"keyframe images must be [N, 3, H, W] RGB, got shape {tuple(images.shape)}")
     in_height, in_width = images.shape[-2:]
-    if (in_height, in_width) == (height, width):
-        return images
-    if fit == "reject":
+    if fit == "reject" and (in_height, in_width) != (height, width):
         raise ValueError(f"keyframe image is {in_width}x{in_height} but the video is {width}x{height}; "
                          "resize the image to the video size or set the image fit to 'crop' or 'resize'")
-    if fit == "crop":
-        scale = max(height / in_height, width / in_width)
-        size = (max(height, math.ceil(in_height * scale - 1e-6)), max(width, math.ceil(in_width * scale - 1e-6)))
-    else:
-        size = (height, width)
-    images = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return images[:, :, top:top + height, left:left + width].clamp(0, 1)
+    return resize_to(images, height, width, keep_aspect=fit == "crop")
 
 
 def encode_still(encode: Encoder, image: torch.Tensor, num_latents: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .kv_cache import KVCache
 
@@ -342,11 +343,9 @@ class CausalWanModel(nn.Module):
 
     def unpatchify(self, out: torch.Tensor, grid) -> torch.Tensor:
         """[B, F, h*w, pt*ph*pw*C] (channel fastest) -> [B, C, F*pt, h*ph, w*pw]."""
-        frames, h, w = grid
+        _, h, w = grid
         pt, ph, pw = self.cfg.patch_size
-        out = out.reshape(out.shape[0], frames, h, w, pt, ph, pw, self.cfg.out_dim)
-        out = torch.einsum("bfhwpqrc->bcfphqwr", out)
-        return out.reshape(out.shape[0], self.cfg.out_dim, frames * pt, h * ph, w * pw)
+        return rearrange(out, "b f (h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
 def block_causal_mask(frames: int, frame_seqlen: int, frames_per_block: int, window_frames: int | None,
