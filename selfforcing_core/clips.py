@@ -24,11 +24,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .atomic import save_safetensors
+from .images import resize_to
 from .prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from .trainer import ClipBatchSource
+from .units import video_frames_for
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -73,21 +74,6 @@ def read_frames(path) -> torch.Tensor:
     except Exception as error:  # PyAV / PIL raise many types for broken files
         raise ClipError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
     return frames.permute(0, 3, 1, 2).float() / 255
-
-
-def resize_center_crop(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Scale [T, 3, H, W] to cover width x height (aspect kept, antialiased), crop the center."""
-    _, _, h, w = frames.shape
-    scale = max(width / w, height / h)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return frames[:, :, top:top + height, left:left + width].clamp(0, 1)
-
-
-def video_frames_for(latent_frames: int) -> int:
-    """Video frames that encode to ``latent_frames`` latent frames with the Wan 2.1 encoders."""
-    return 1 + 4 * (latent_frames - 1)
 
 
 def caption_file(clip: Path) -> Path:
@@ -172,7 +158,7 @@ def _encode_clip_windows(clip, cache, clip_key, encode, width, height, window_le
         end = (window + 1) * window_length
         if end > frames.shape[0]:
             break
-        pixels = resize_center_crop(frames[end - window_length:end], width, height)
+        pixels = resize_to(frames[end - window_length:end], height, width)
         with torch.no_grad():
             latents = encode(pixels[None])[0]
         if latents.shape[0] != latent_frames:

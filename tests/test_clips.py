@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfforcing_core.clips import load_clips, prepare_clips, read_frames, resize_center_crop
+from selfforcing_core.clips import load_clips, prepare_clips, read_frames
+from selfforcing_core.images import resize_to
 
 torch.set_num_threads(1)
 HEIGHT, WIDTH = 32, 48
@@ -119,5 +120,5 @@ def test_read_frames_and_center_crop(clip_folder):
     torch.testing.assert_close(frames.mean(dim=(1, 2, 3)), torch.tensor([gray_level(i) for i in range(9)]) / 255,
                                atol=0.03, rtol=0)
     stripes = torch.cat([torch.zeros(1, 3, 10, 10), torch.full((1, 3, 10, 10), 0.5), torch.ones(1, 3, 10, 10)], 3)
-    torch.testing.assert_close(resize_center_crop(stripes, 10, 10), torch.full((1, 3, 10, 10), 0.5))
-    assert resize_center_crop(stripes, 16, 32).shape == (1, 3, 32, 16)
+    torch.testing.assert_close(resize_to(stripes, 10, 10), torch.full((1, 3, 10, 10), 0.5))
+    assert resize_to(stripes, 32, 16).shape == (1, 3, 32, 16)

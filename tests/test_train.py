@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from selfforcing_core import dmd
 from selfforcing_core.checkpoint import load_generator
 from selfforcing_core import train
-from selfforcing_core.clips import load_clips, read_frames, resize_center_crop
+from selfforcing_core.clips import load_clips, read_frames
+from selfforcing_core.images import resize_to
 from selfforcing_core.latents import load_codec
 from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from selfforcing_core.lora import active_adapter, adapter_parameters
@@ -147,7 +148,7 @@ def test_prepare_command_encodes_clips_with_either_encoder_file(tmp_path, capsys
     save_prompt_embeddings(tmp_path / "negative.safetensors", [(torch.randn(1, 4, 32, generator=g), {})])
     clips = write_clip_folder(tmp_path / "clips")
     (clips / "broken.mp4").write_bytes(b"nothing")
-    pixels = torch.stack([resize_center_crop(read_frames(clips / f"clip{c}.gif"), 32, 32) for c in range(3)])
+    pixels = torch.stack([resize_to(read_frames(clips / f"clip{c}.gif"), 32, 32) for c in range(3)])
     for name, weights in (("taew2_1.safetensors", taehv_state_dict()), ("wan_2.1_vae.safetensors", wan_vae_state_dict())):
         save_file(weights, tmp_path / name)
         train.main(["prepare", str(clips), str(tmp_path / f"cache-{name}"), "--encoder", str(tmp_path / name),
