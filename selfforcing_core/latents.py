@@ -157,6 +157,20 @@ class StreamingCodec(torch.nn.Module):
     decode_chunk_frames: int | None = None
     encode_chunk_frames: int | None = None
 
+    def load_exactly(self, state_dict: dict, what: str) -> "StreamingCodec":
+        """Load every tensor of ``state_dict`` (no missing or extra keys, same shapes) or raise a
+        ValueError that names ``what`` and the offending keys. Returns self."""
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{what} weights do not match its layout: missing {', '.join(missing[:5]) or 'none'}; "
+                             f"unexpected {', '.join(unexpected[:5]) or 'none'}")
+        try:
+            self.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(f"{what} weights do not fit its layout: {error}") from None
+        return self
+
     def stream(self) -> VideoStream:
         """A fresh streaming wrapper around this codec."""
         return VideoStream(self)

@@ -179,16 +179,7 @@ class TAEHV(StreamingCodec):
             key = f"decoder.{i}.conv.weight"
             if isinstance(layer, TGrow) and sd[key].shape[0] > layer.conv.out_channels:
                 sd[key] = sd[key][-layer.conv.out_channels:]
-        expected = set(model.state_dict())
-        missing, unexpected = expected - set(sd), set(sd) - expected
-        if missing or unexpected:
-            raise ValueError(f"not a TAEHV (taew2_1 layout) state dict: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as error:
-            raise ValueError(f"TAEHV weights do not fit the taew2_1 layout: {error}") from None
-        return model
+        return model.load_exactly(sd, "TAEHV (taew2_1)")
 
     def decode_chunk(self, latents: torch.Tensor, state: dict) -> torch.Tensor:
         """Generator latents [B, F, C, h, w] -> the frames they complete [B, T, 3, 8h, 8w] in [0, 1].

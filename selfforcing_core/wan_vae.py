@@ -196,17 +196,7 @@ class WanVAE(StreamingCodec):
         if z_dim != cls.latent_channels:
             raise ValueError(f"Wan 2.1 VAE has {cls.latent_channels} latent channels, these weights have {z_dim}"
                              " (a Wan 2.2 VAE is not supported)")
-        model = cls(sd)
-        expected = set(model.state_dict())
-        missing, unexpected = expected - set(sd), set(sd) - expected
-        if missing or unexpected:
-            raise ValueError(f"Wan 2.1 VAE weights do not match the layout: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as error:
-            raise ValueError(f"Wan 2.1 VAE weights do not fit the layout: {error}") from None
-        return model
+        return cls(sd).load_exactly(sd, "Wan 2.1 VAE")
 
     def decode_raw(self, z_raw: torch.Tensor, cache: dict) -> torch.Tensor:
         """Raw latents [B, 16, F, h, w] (ComfyUI LATENT space) -> unclamped video [B, 3, T, 8h, 8w]
