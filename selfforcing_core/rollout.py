@@ -132,6 +132,7 @@ def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep:
             write_clean_context(model, clean, state.prompt, cache, group[0], context_timestep)
 
 
+@torch.no_grad()  # on a generator function: applied around each step, never left on between yields
 def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
                   latent_shape: tuple[int, int, int], *, noise: NoiseSource,
                   timesteps: torch.Tensor | None = None, schedule: FlowMatchSchedule | None = None,
@@ -181,32 +182,31 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                       and f >= kv_cache.sink_frames]:
             del state.clean_frames[frame], state.frame_blocks[frame]
 
-    with torch.no_grad():
-        for first in range(0, prefill_frames, frames_per_block):
-            group = prefill[:, first:first + frames_per_block].to(device, dtype)
-            write_clean_context(model, group, state.prompt, kv_cache, first)
-            remember(group, first)
+    for first in range(0, prefill_frames, frames_per_block):
+        group = prefill[:, first:first + frames_per_block].to(device, dtype)
+        write_clean_context(model, group, state.prompt, kv_cache, first)
+        remember(group, first)
 
-        block = 0
-        while num_blocks is None or block < num_blocks:
-            start_frame = prefill_frames + block * frames_per_block
-            if block in switches:
-                state.prompt = switches.pop(block).to(device)
-                recache_prompt(model, state, context_timestep)
-            shape = (batch_size, frames_per_block, channels, height, width)
-            x = noise.block_noise(block, block * frames_per_block, shape, dtype, device)
-            guide.before_block(model, state, start_frame, frames_per_block)
-            clean = denoise_block(model, schedule, timesteps, x, state.prompt, kv_cache, start_frame,
-                                  lambda step: noise.step_noise(block, step, shape, dtype, device),
-                                  lambda step, x0: guide.guide_x0(start_frame, step, x0))
-            write_clean_context(model, clean, state.prompt, kv_cache, start_frame, context_timestep)
-            guide.after_block(model, state, start_frame)
-            remember(clean, start_frame)
-            if callback is not None:
-                callback({"block": block, "num_blocks": num_blocks, "start_frame": start_frame,
-                          "latents": clean, "state": state})
-            yield clean
-            block += 1
+    block = 0
+    while num_blocks is None or block < num_blocks:
+        start_frame = prefill_frames + block * frames_per_block
+        if block in switches:
+            state.prompt = switches.pop(block).to(device)
+            recache_prompt(model, state, context_timestep)
+        shape = (batch_size, frames_per_block, channels, height, width)
+        x = noise.block_noise(block, block * frames_per_block, shape, dtype, device)
+        guide.before_block(model, state, start_frame, frames_per_block)
+        clean = denoise_block(model, schedule, timesteps, x, state.prompt, kv_cache, start_frame,
+                              lambda step: noise.step_noise(block, step, shape, dtype, device),
+                              lambda step, x0: guide.guide_x0(start_frame, step, x0))
+        write_clean_context(model, clean, state.prompt, kv_cache, start_frame, context_timestep)
+        guide.after_block(model, state, start_frame)
+        remember(clean, start_frame)
+        if callback is not None:
+            callback({"block": block, "num_blocks": num_blocks, "start_frame": start_frame,
+                      "latents": clean, "state": state})
+        yield clean
+        block += 1
 
 
 def sample_video(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int,

@@ -136,3 +136,16 @@ def test_prompt_switch_rebuilds_both_caches_under_the_new_prompt(window, sink, s
     cross_k = captured["state"].kv_cache.cross_k[0]
     projected_k, _ = model.blocks[0].cross_attn.project_context(model.embed_text(new))
     torch.testing.assert_close(cross_k, projected_k)
+
+
+def test_a_paused_or_abandoned_stream_leaves_gradient_mode_alone():
+    """The stream runs without gradients, but only inside its own steps: between blocks (and after
+    an abandoned stream) the caller's gradient mode is untouched."""
+    model, prompt = tiny_model(), tiny_prompt()
+    streams = [stream_blocks(model, prompt, 3, LATENT, noise=seeded(seed)) for seed in (0, 1)]
+    for stream in streams:
+        next(stream)
+        assert torch.is_grad_enabled()
+    del streams[0]  # closed out of order
+    del streams
+    assert torch.is_grad_enabled()
