@@ -13,8 +13,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..selfforcing_core.clips import prepare_clips, video_frames_for
+from ..selfforcing_core.clips import prepare_clips
 from ..selfforcing_core.trainer import Trainer, TrainConfig, draw_loss_curves, format_losses, loss_curve_image
+from ..selfforcing_core.units import latent_size, whole_block_latent_frames
 from .common import CATEGORY, SelfForcingModel, StreamingDecoder, prompt_tensor
 
 TrainingClips = io.Custom("SELFFORCING_TRAINING_CLIPS")
@@ -56,10 +57,17 @@ class SelfForcingTrainingClips(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, width, height, length, **_):
+        try:
+            latent_size(width, height)
+            whole_block_latent_frames(length)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, folder, encoder, prompt, negative, width, height, length, clip=None):
-        latent_frames = (length - 1) // 4 + 1
-        if video_frames_for(latent_frames) != length or latent_frames % 3:
-            raise ValueError(f"length {length} is not 1 + 4*n with n + 1 a multiple of 3; use 9, 21, 33, 45, 57, 69 or 81")
+        latent_frames = whole_block_latent_frames(length)
         path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
         cache = training_dir("clips", hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16])
 

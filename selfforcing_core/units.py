@@ -43,3 +43,13 @@ def latent_frame_of(video_frame: int) -> int:
 def blocks_for(latent_frames: int, frames_per_block: int = 3) -> int:
     """Blocks needed to cover ``latent_frames`` (the last block may run past the end; trim it)."""
     return -(-latent_frames // frames_per_block)
+
+
+def whole_block_latent_frames(length: int, frames_per_block: int = 3) -> int:
+    """Latent frames of a clip of ``length`` video frames that must fill whole blocks (training windows)."""
+    latent_frames = latent_frames_for(length)
+    if latent_frames % frames_per_block:
+        lengths = ", ".join(str(video_frames_for(frames_per_block * n)) for n in range(1, 8))
+        raise ValueError(f"length {length} is {latent_frames} latent frames, not whole blocks of {frames_per_block}; "
+                         f"use one of {lengths}, ...")
+    return latent_frames

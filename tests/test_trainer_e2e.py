@@ -158,3 +158,13 @@ def test_interrupt_saves_a_checkpoint_that_the_next_run_resumes_to_the_end(serve
     assert finished["step"] == done + 3 and len(finished["history"]) == done + 3
     assert finished["history"][:done] == interrupted["history"]
     assert (server.model_dir("loras") / "e2e_interrupt.safetensors").is_file()
+
+
+def test_training_length_that_is_not_whole_blocks_is_refused_before_running(server):
+    from comfy_host import PromptValidationError
+
+    graph = trainer_graph(server, "never_trained", steps=1)
+    clips_node = next(node for node in graph.values() if node["class_type"] == "SelfForcingTrainingClips")
+    clips_node["inputs"]["length"] = 13
+    with pytest.raises(PromptValidationError, match="not whole blocks of 3; use one of 9, 21"):
+        server.queue_prompt(graph)

@@ -31,3 +31,13 @@ def test_each_video_frame_maps_to_the_latent_frame_that_decodes_it():
 
 def test_blocks_cover_the_latent_frames():
     assert [blocks_for(f) for f in (1, 3, 4, 21, 22)] == [1, 1, 2, 7, 8]
+
+
+def test_training_windows_fill_whole_blocks():
+    from selfforcing_core.units import whole_block_latent_frames
+
+    assert whole_block_latent_frames(81) == 21 and whole_block_latent_frames(9) == 3
+    with pytest.raises(ValueError, match="not whole blocks of 3; use one of 9, 21, 33"):
+        whole_block_latent_frames(13)
+    with pytest.raises(ValueError, match="4n \\+ 1"):
+        whole_block_latent_frames(10)
