@@ -56,6 +56,29 @@ def rollout_flops(cfg: WanConfig, latent_hw, num_blocks: int, window: int | None
     return counter.get_total_flops()
 
 
+def per_block_flops(cfg: WanConfig, latent_hw, num_blocks: int) -> list[tuple[int, int]]:
+    """(cached, recompute) FLOPs of each block: the KV-cache rollout (4 steps + clean pass) against
+    re-running [clean history, current block] block-causally at each of the 4 steps (text
+    projections included: once per clip with the cache, every call without)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = CausalWanModel(cfg).eval().requires_grad_(False)
+        prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
+        cache = model.new_kv_cache(*latent_hw, capacity_frames=3 * num_blocks)
+        rows = []
+        for index in range(num_blocks):
+            with FlopCounterMode(display=False) as cached:
+                for _ in range(5):
+                    model(torch.zeros(1, cfg.in_dim, 3, *latent_hw), torch.zeros(1, 3), prompt, kv_cache=cache,
+                          start_frame=3 * index)
+            frames = 3 * (index + 1)
+            with FlopCounterMode(display=False) as recompute:
+                for _ in range(4):
+                    model(torch.zeros(1, cfg.in_dim, frames, *latent_hw), torch.zeros(1, frames), prompt,
+                          mode="block_causal")
+            rows.append((cached.get_total_flops(), recompute.get_total_flops()))
+    return rows
+
+
 def decoder_flops(state_dict_shapes, latent_hw, latent_frames: int) -> int:
     """FLOPs of decoding ``latent_frames`` latents with a codec of the given parameter shapes."""
     codec = load_codec({name: torch.zeros(shape) for name, shape in state_dict_shapes.items()})
@@ -104,6 +127,10 @@ def main():
         for utilisation in UTILISATIONS:
             fps = peak * utilisation / (generator + rows[3][1] / frames)
             print(f"  {device:<36} at {utilisation:.0%} utilisation: {fps:5.1f} frames/s")
+    print("\nper block at 480x832, cached rollout vs recomputing the history (counted):")
+    print(" block  cached_TFLOP  recompute_TFLOP  ratio")
+    for index, (cached, recompute) in enumerate(per_block_flops(WAN_T2V_1P3B, latent_hw, blocks)):
+        print(f" {index:5d}  {cached / 1e12:12.1f}  {recompute / 1e12:15.1f}  {recompute / cached:5.2f}")
     if args.cpu_check:
         cpu_check()
 
