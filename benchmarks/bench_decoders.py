@@ -2,8 +2,8 @@
 
 Both decoders at their real widths (taew2_1: 256/128/64/64; Wan2.1_VAE: base 96) with random
 weights in the real key layouts, on the same generator latents. Each case runs in its own process
-(for a clean peak RSS), one warm-up pass, then the timed pass; times are per output frame. RSS: after loading the
-weights, and the peak during warm-up + timed decode.
+(for a clean peak RSS), one warm-up pass, then the median of the timed passes; times are per
+output frame. RSS: after loading the weights, and the peak during warm-up + timed decodes.
 
     .venv/bin/python benchmarks/bench_decoders.py [--frames 6] [--size 8] [--threads 2]
 """
@@ -24,8 +24,8 @@ CASES = {
 }
 
 
-def run_case(name: str, frames: int, size: int, threads: int) -> dict:
-    """Build the decoder, decode once to warm up, then time one decode; report per-frame time."""
+def run_case(name: str, frames: int, size: int, threads: int, repeats: int) -> dict:
+    """Build the decoder, decode once to warm up, then time ``repeats`` decodes; report the median per frame."""
     import torch
 
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -49,9 +49,12 @@ def run_case(name: str, frames: int, size: int, threads: int) -> dict:
     rss_weights = _rss_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     decode()
-    start = time.perf_counter()
-    out = decode()
-    seconds = time.perf_counter() - start
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = decode()
+        timings.append(time.perf_counter() - start)
+    seconds = sorted(timings)[len(timings) // 2]  # median: robust to other jobs on the machine
     return {"ms_per_frame": 1000 * seconds / out.shape[1], "frames": out.shape[1],
             "rss_weights_mib": rss_weights, "peak_rss_mib": _rss_mib("VmHWM")}
 
@@ -69,17 +72,18 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6, help="latent frames (6 = two 3-frame blocks)")
     parser.add_argument("--size", type=int, default=8, help="latent height = width (x8 pixels)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed decodes per case (median reported)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.frames, args.size, args.threads)))
+        print(json.dumps(run_case(args.case, args.frames, args.size, args.threads, args.repeats)))
         return
     print(f"latents [1, {args.frames}, 16, {args.size}, {args.size}] -> {args.size * 8}x{args.size * 8} px, "
           f"CPU float32, {args.threads} threads, warm, real widths, random weights")
     results = {}
     for name in CASES:
         command = [sys.executable, __file__, "--case", name, "--frames", str(args.frames),
-                   "--size", str(args.size), "--threads", str(args.threads)]
+                   "--size", str(args.size), "--threads", str(args.threads), "--repeats", str(args.repeats)]
         results[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         r = results[name]
         print(f"{name:<36} {r['ms_per_frame']:9.2f} ms/frame  ({r['frames']} frames)  RSS weights {r['rss_weights_mib']:6.0f} MiB, peak decoding {r['peak_rss_mib']:6.0f} MiB")
