@@ -63,8 +63,9 @@ def activation_bytes(cfg: WanConfig, tokens: int, dtype: torch.dtype = torch.bfl
     """Peak transient bytes of one block call on ``tokens`` query tokens (batch included).
 
     RoPE phase (rotating k): residual, modulated input, rotated q, k and rotated k (dtype) plus
-    k in float64 and its rotated float64 copy, plus the complex128 rotation table; FFN phase: residual, modulated input and
-    output (dtype), the float32 modulation temporary, the hidden layer before and after GELU.
+    k's float64 copy and a float64 half-width temporary, plus the float64 cos and sin tables; FFN
+    phase: residual, modulated input and output (dtype), the float32 modulation temporary, the
+    hidden layer before and after GELU.
     """
     itemsize = torch.tensor([], dtype=dtype).element_size()
     rope_phase = tokens * cfg.dim * (5 * itemsize + 2 * 8) + tokens * cfg.head_dim // 2 * 16

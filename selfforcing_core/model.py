@@ -101,7 +101,7 @@ def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def rope_tables(head_dim: int) -> list[torch.Tensor]:
-    """Complex RoPE rotations for (time, height, width): each [ROPE_MAX_FRAMES, pairs_axis] complex128.
+    """RoPE angles for (time, height, width): each [ROPE_MAX_FRAMES, pairs_axis] float64.
 
     The head's head_dim/2 channel pairs split as time gets ``pairs - 2*(head_dim//6)``, height and
     width ``head_dim//6`` each (128 -> 22/21/21); each axis has its own frequency base width.
@@ -110,28 +110,34 @@ def rope_tables(head_dim: int) -> list[torch.Tensor]:
     tables = []
     for width in axis_widths:
         inverse = 1.0 / torch.pow(10000, torch.arange(0, width, 2, dtype=torch.float64, device="cpu") / width)
-        angles = torch.outer(torch.arange(ROPE_MAX_FRAMES, dtype=torch.float64, device="cpu"), inverse)
-        tables.append(torch.polar(torch.ones_like(angles), angles))
+        tables.append(torch.outer(torch.arange(ROPE_MAX_FRAMES, dtype=torch.float64, device="cpu"), inverse))
     return tables
 
 
 def apply_rope(x: torch.Tensor, tables: list[torch.Tensor], grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
-    """Rotate adjacent channel pairs of q or k by 3D positions (absolute frame index for time).
+    """Rotate adjacent channel pairs (2i, 2i+1) of q or k by 3D positions (absolute frame index for time).
 
-    x: [B, F*h*w, heads, head_dim] -> same shape and dtype; computed in float64.
+    x: [B, F*h*w, heads, head_dim] -> same shape and dtype; computed in float64 with real
+    arithmetic (the complex product written out, so compilers can fuse it).
     """
     frames, h, w = grid
     if start_frame + frames > ROPE_MAX_FRAMES:
         raise ValueError(f"latent frame {start_frame + frames - 1} is beyond the RoPE table "
                          f"({ROPE_MAX_FRAMES} frames); the model cannot place frames that far")
     time, height, width = (table.to(x.device) for table in tables)
-    rotation = torch.cat([
+    angles = torch.cat([
         time[start_frame:start_frame + frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
         height[:h].view(1, h, 1, -1).expand(frames, h, w, -1),
         width[:w].view(1, 1, w, -1).expand(frames, h, w, -1),
     ], dim=-1).reshape(frames * h * w, 1, -1)
-    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    del angles
+    pairs = x.to(torch.float64, copy=True).unflatten(-1, (-1, 2))  # rotated in place: low peak memory
+    real, imag = pairs[..., 0], pairs[..., 1]
+    new_real = real * cos - imag * sin
+    imag.mul_(cos).addcmul_(real, sin)
+    real.copy_(new_real)
+    return pairs.flatten(-2).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
