@@ -194,11 +194,13 @@ class ComfyServer:
             return self.get("/object_info")
         return self.get(f"/object_info/{node_class}")[node_class]
 
-    def queue_prompt(self, prompt):
-        """POST /prompt with an API-format workflow; returns the prompt id.
-        Raises PromptValidationError (with ComfyUI's readable messages) when it is refused."""
+    def queue_prompt(self, prompt, client_id=None):
+        """POST /prompt with an API-format workflow (as websocket client ``client_id``, if given);
+        returns the prompt id. Raises PromptValidationError (with ComfyUI's readable messages) when
+        it is refused."""
+        payload = {"prompt": prompt} if client_id is None else {"prompt": prompt, "client_id": client_id}
         try:
-            return self.post("/prompt", {"prompt": prompt})["prompt_id"]
+            return self.post("/prompt", payload)["prompt_id"]
         except urllib.error.HTTPError as error:
             if error.code != 400:
                 raise

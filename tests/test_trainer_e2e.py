@@ -1,16 +1,10 @@
 """The training-clips and trainer nodes end to end in a real ComfyUI server (POST /prompt)."""
-import asyncio
-import json
-import struct
-import urllib.error
-import uuid
-
 import av
 import numpy as np
 import pytest
 import torch
 
-from comfy_host import PromptValidationError
+from comfy_host import PromptValidationError, run_watching
 from decoder_weights import taehv_state_dict
 from selfforcing_core.lora import read_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
@@ -71,48 +65,13 @@ def trainer_graph(server, lora_name, steps, save_every=2, resume=True):
     }
 
 
-def run_watching(server, graph, node="6", on_progress=None):
-    """POST /prompt as a browser tab would and follow the websocket until the run ends.
-
-    on_progress(value) is called for each progress event of ``node``. Returns (the final event type:
-    execution_success / _error / _interrupted, [(value, max)] of ``node``, preview images received,
-    prompt id).
-    """
-    import aiohttp
-    client_id = uuid.uuid4().hex
-
-    def queue(payload):
-        try:
-            return server.post("/prompt", payload)["prompt_id"]
-        except urllib.error.HTTPError as error:
-            raise PromptValidationError(json.load(error)) from None
-
-    async def watch():
-        progress, previews = [], 0
-        url = f"http://127.0.0.1:{server.port}/ws?clientId={client_id}"
-        async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
-            prompt_id = await asyncio.to_thread(queue, {"prompt": graph, "client_id": client_id})
-            async for message in socket:
-                if message.type == aiohttp.WSMsgType.BINARY:  # BinaryEventTypes.PREVIEW_IMAGE = 1 (JPEG bytes)
-                    previews += struct.unpack(">I", message.data[:4])[0] == 1
-                    continue
-                event = json.loads(message.data)
-                if event["type"] == "progress" and event["data"]["node"] == node:
-                    progress.append((event["data"]["value"], event["data"]["max"]))
-                    if on_progress is not None:
-                        await asyncio.to_thread(on_progress, progress[-1][0])
-                if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                    return event["type"], progress, previews, prompt_id
-    return asyncio.run(asyncio.wait_for(watch(), 300))
-
-
 def read_checkpoint(server, lora_name):
     return torch.load(server.output_dir / "self_forcing_training" / lora_name / "checkpoint.pt", weights_only=True)
 
 
 def test_trainer_node_trains_saves_a_loadable_lora_and_a_checkpoint(server):
     graph = trainer_graph(server, "e2e_lora", steps=3)
-    outcome, progress, previews, prompt_id = run_watching(server, graph)
+    outcome, progress, previews, prompt_id = run_watching(server, graph, "6")
     assert outcome == "execution_success"
     assert progress == [(1, 3), (2, 3), (3, 3)] and previews == 1  # the loss curves after the last step
     adapters = read_lora(server.model_dir("loras") / "e2e_lora.safetensors")
@@ -144,14 +103,14 @@ def test_interrupt_saves_a_checkpoint_that_the_next_run_resumes_to_the_end(serve
         if value == 6:
             server.interrupt()
     long_run = trainer_graph(server, "e2e_interrupt", steps=5000, save_every=5000)
-    outcome, progress, previews, _ = run_watching(server, long_run, on_progress=interrupt_after_six_steps)
+    outcome, progress, previews, _ = run_watching(server, long_run, "6", on_progress=interrupt_after_six_steps)
     assert outcome == "execution_interrupted" and previews >= 1  # a loss-curve preview at step 5
     assert not (server.model_dir("loras") / "e2e_interrupt.safetensors").exists()  # no LoRA from a cut run
     interrupted = read_checkpoint(server, "e2e_interrupt")
     done = interrupted["step"]
     assert 6 <= done < 5000 and len(interrupted["history"]) == done
     assert done >= progress[-1][0]  # the checkpoint holds every step the progress bar showed
-    outcome, progress, _, _ = run_watching(server, trainer_graph(server, "e2e_interrupt", steps=done + 3))
+    outcome, progress, _, _ = run_watching(server, trainer_graph(server, "e2e_interrupt", steps=done + 3), "6")
     assert outcome == "execution_success"
     assert [value for value, _ in progress] == [done + 1, done + 2, done + 3]  # resumed, not restarted
     finished = read_checkpoint(server, "e2e_interrupt")
@@ -161,8 +120,6 @@ def test_interrupt_saves_a_checkpoint_that_the_next_run_resumes_to_the_end(serve
 
 
 def test_training_length_that_is_not_whole_blocks_is_refused_before_running(server):
-    from comfy_host import PromptValidationError
-
     graph = trainer_graph(server, "never_trained", steps=1)
     clips_node = next(node for node in graph.values() if node["class_type"] == "SelfForcingTrainingClips")
     clips_node["inputs"]["length"] = 13
