@@ -6,8 +6,8 @@ The graph is the one of workflows/text_to_video_streaming.json: umT5 text encode
 Streaming Sampler with TAEHV decoding each block -> CreateVideo -> SaveVideo. Model files are
 read from the host's models folder (``.host/ComfyUI/models`` or ``$COMFYUI_PATH/models``, or
 ``--models``). Without them it stops and lists what to download and where it goes;
-``--download`` fetches them (about 8.6 GB) when the machine is online. ``--embeddings NAME``
-uses a prompt-embedding file from models/prompt_embeddings instead of the 6.7 GB text encoder.
+``--download`` fetches them (several GB) when the machine is online. ``--embeddings NAME``
+uses a prompt-embedding file from models/prompt_embeddings instead of the multi-GB umT5 text encoder.
 """
 import argparse
 import os
