@@ -57,3 +57,38 @@ def test_parity_reproduces_a_fixture_root_with_other_shapes(tmp_path):
     assert [c.tensor for c in comparisons] == ["final_latents"]
     assert all(c.passed for c in comparisons), [c.line() for c in comparisons]
     assert comparisons[0].max_abs_error < 1e-4
+
+
+def test_parity_reproduces_decoder_fixture_roots_with_other_widths_and_shapes(tmp_path):
+    """TAEHV and Wan VAE fixture roots at other widths, frame counts and sizes, with expected
+    tensors from a float64 run: the parity command must rebuild everything from the files."""
+    from decoder_weights import taehv_state_dict, wan_vae_state_dict
+    from selfforcing_core.latents import load_codec, normalised_to_raw, raw_to_normalised
+
+    g = torch.Generator().manual_seed(3)
+    taehv_root, wan_root = tmp_path / "taehv", tmp_path / "wanvae"
+    for root, weights, architecture in ((taehv_root, taehv_state_dict((24, 16, 8, 8), 8, seed=5), "official TAEHV"),
+                                        (wan_root, wan_vae_state_dict(dim=4, seed=6), "official WanVAE_ (narrowed)")):
+        root.mkdir()
+        save_file(weights, str(root / "weights.safetensors"))
+        (root / "config.json").write_text(json.dumps({"architecture": architecture}))
+    with torch.no_grad():
+        taehv = load_codec(taehv_state_dict((24, 16, 8, 8), 8, seed=5)).double()
+        latents, video = torch.randn(2, 5, 16, 6, 4, generator=g), torch.rand(2, 12, 3, 24, 40, generator=g)
+        save_file({"latents": latents, "video": video}, str(taehv_root / "inputs.safetensors"))
+        save_file({"decoder_raw": taehv.decode_raw(latents.double()).float(),
+                   "decoded": taehv.decode_video(latents.double()).float(),
+                   "encoded": taehv.encode_video(video.double()).float()}, str(taehv_root / "outputs.safetensors"))
+
+        wan = load_codec(wan_vae_state_dict(dim=4, seed=6)).double()
+        video, latents = torch.rand(1, 3, 5, 32, 48, generator=g) * 2 - 1, torch.randn(1, 16, 3, 4, 6, generator=g)
+        raw = normalised_to_raw(latents, channel_dim=1)
+        mu = wan.encode_mean(video.double(), {})
+        decoded = wan.decode_raw(raw.double(), {})
+        save_file({"video": video, "latents": latents, "latents_raw": raw}, str(wan_root / "inputs.safetensors"))
+        save_file({"encoder_out": wan.encoder(video.double(), {}).float(), "encode_mu": mu.float(),
+                   "encode_latents": raw_to_normalised(mu, channel_dim=1).float(), "decode_raw": decoded.float(),
+                   "decode_chunked": decoded.clamp(-1, 1).float()}, str(wan_root / "outputs.safetensors"))
+    for root in (taehv_root, wan_root):
+        comparisons = run_parity(root)
+        assert len(comparisons) >= 4 and all(c.passed for c in comparisons), [c.line() for c in comparisons]
