@@ -49,18 +49,23 @@ SUPPORTED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded as a causal Wan generator."""
+    """A weights file that cannot be read, or not loaded as the model asked for."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The weights file does not exist."""
 
 
 def read_tensors(path: str | Path) -> dict:
-    """Read a ``.safetensors`` or ``.pt``/``.pth`` file into a flat dict of tensors (CPU).
+    """Read a ``.safetensors`` or ``.pt``/``.pth`` file (any model's weights) into a flat dict of
+    tensors (CPU).
 
     Pickled files are read with ``weights_only=True``; an official training dict yields its
     ``generator_ema`` entry (else ``generator``, else ``model``).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointNotFoundError(f"weights file not found: {path} (put the file there or fix the path)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -80,7 +85,7 @@ def read_tensors(path: str | Path) -> dict:
             if isinstance(data.get(entry), dict):
                 return data[entry]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path.name} holds no state dict (expected tensors, or a dict with one of "
+        raise CheckpointError(f"{path.name} does not hold a state dict (expected tensors, or a dict with one of "
                               f"{', '.join(OFFICIAL_ENTRIES)})")
     return data
 

@@ -203,21 +203,6 @@ class StreamingCodec(torch.nn.Module):
         return torch.cat(latents, 1)
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or .pth/.pt file (``torch.load(weights_only=True)``) into a state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"decoder weights not found: {path} (put the file there or fix the path)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")
-    return state_dict
-
-
 def detect_codec(state_dict: dict[str, torch.Tensor]) -> str:
     """'taehv' or 'wan_vae' from the key layout; ValueError naming what was found otherwise."""
     if "decoder.head.2.weight" in state_dict and "conv2.weight" in state_dict:
@@ -238,6 +223,7 @@ def load_codec(source: str | Path | dict, dtype: torch.dtype = torch.float32,
     ``latent_space`` ('normalised' or 'raw') only matters for TAEHV files: taew2_1 takes
     normalised latents, lighttaew2_1 raw ones; by default it is read from the file name.
     """
+    from .checkpoint import read_tensors
     from .taehv import TAEHV
     from .wan_vae import WanVAE
 
@@ -245,7 +231,7 @@ def load_codec(source: str | Path | dict, dtype: torch.dtype = torch.float32,
         raise ValueError(f"unsupported decoder dtype {dtype}: use torch.float32, torch.float16 or torch.bfloat16")
 
     name = Path(source).name if isinstance(source, (str, Path)) else ""
-    state_dict = source if isinstance(source, dict) else load_state_dict_file(source)
+    state_dict = source if isinstance(source, dict) else read_tensors(source)
     kind = detect_codec(state_dict)
     if kind == "wan_vae":
         codec = WanVAE.from_state_dict(state_dict)

@@ -6,8 +6,9 @@ import torch
 
 from comfy_paths import import_comfy
 from decoder_weights import taehv_state_dict
+from selfforcing_core.checkpoint import read_tensors
 from selfforcing_core.latents import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, check_video, comfy_to_generator,
-                                      detect_codec, generator_to_comfy, load_codec, load_state_dict_file,
+                                      detect_codec, generator_to_comfy, load_codec,
                                       normalised_to_raw, raw_to_normalised)
 
 
@@ -65,9 +66,9 @@ def test_loader_detects_codecs_and_refuses_other_models(tmp_path):
     with pytest.raises(ValueError, match="not a Wan 2.1 decoder.*model.diffusion_model.blocks.0"):
         load_codec(other)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        load_state_dict_file(tmp_path / "missing.pth")
+        read_tensors(tmp_path / "missing.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
-        load_state_dict_file(tmp_path / "list.pth")
+        read_tensors(tmp_path / "list.pth")
     with pytest.raises(ValueError, match="dtype"):
         load_codec(taehv_state_dict(), dtype=torch.int8)
