@@ -14,6 +14,7 @@ A file is loaded completely or not at all: missing, unexpected or mis-shaped ten
 ``CheckpointError`` naming the detected layout and the offending keys.
 """
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -76,7 +77,8 @@ def read_tensors(path: str | Path) -> dict:
         raise CheckpointError(f"unsupported checkpoint extension {path.suffix!r} ({path.name}); "
                               "use .safetensors, .pt or .pth")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # Memory-map zip-format files (torch >= 1.6); older pickles cannot be mapped.
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:
         raise CheckpointError(f"{path.name} could not be read with torch.load(weights_only=True) "
                               f"(only plain tensor dicts are accepted, never arbitrary pickles): {error}") from None

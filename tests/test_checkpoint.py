@@ -150,3 +150,11 @@ def test_auto_dtype_is_16_bit_on_cuda(monkeypatch, bf16_supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
     assert resolve_dtype("auto", wan_state_dict(), "cuda") == expected
     assert resolve_dtype("auto", wan_state_dict(), "cpu") == torch.float32  # the file's own dtype
+
+
+def test_legacy_format_pickles_load(tmp_path):
+    """Files written by old torch versions (not zip archives) cannot be memory-mapped but must load."""
+    state_dict = wan_state_dict()
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in state_dict.items()}}, tmp_path / "old.pt",
+               _use_new_zipfile_serialization=False)
+    assert_same_weights(load_generator(tmp_path / "old.pt", num_heads=2, text_len=16), state_dict)
