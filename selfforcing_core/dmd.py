@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .lora import active_adapter
 from .model import CausalWanModel
-from .rollout import NoiseSource, denoise_block
+from .rollout import NoiseSource, denoise_block, write_clean_context
 from .schedule import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
 
 GENERATOR, FAKE, REAL = "generator", "fake", "real"
@@ -123,8 +123,7 @@ def rollout_with_exit(model: CausalWanModel, prompt: torch.Tensor, noise: NoiseS
         x0 = schedule.x0_from_flow(x, flow.transpose(1, 2).float(), t_exit)
         if block + 1 < num_blocks:  # clean-context pass for the next block (not needed after the last)
             with torch.no_grad(), autocast(device):
-                model(x0.detach().transpose(1, 2).to(dtype), torch.zeros(shape[:2], device=device), prompt,
-                      kv_cache=kv_cache, start_frame=start)
+                write_clean_context(model, x0.detach().to(dtype), prompt, kv_cache, start)
         blocks.append(x0)
     return torch.cat(blocks, dim=1)
 

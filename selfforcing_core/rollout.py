@@ -36,12 +36,15 @@ class NoiseSource:
                 raise ValueError(f"noise holds {self.initial.shape[1]} frames; block {block} needs "
                                  f"frames {first_frame}..{first_frame + shape[1] - 1}")
             return self.initial[:, first_frame:first_frame + shape[1]].to(device, dtype)
-        return torch.randn(shape, generator=self.generator, dtype=torch.float32,
-                           device=self.generator.device if self.generator else "cpu").to(device, dtype)
+        return self.draw(shape, dtype, device)
 
     def step_noise(self, block: int, step: int, shape, dtype, device) -> torch.Tensor:
         if self.renoise is not None:
             return self.renoise[block, step].to(device, dtype)
+        return self.draw(shape, dtype, device)
+
+    def draw(self, shape, dtype, device) -> torch.Tensor:
+        """Fresh float32 Gaussian noise from the generator (on its device), moved to device / dtype."""
         return torch.randn(shape, generator=self.generator, dtype=torch.float32,
                            device=self.generator.device if self.generator else "cpu").to(device, dtype)
 
