@@ -143,7 +143,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                   prompt_switches: list[PromptSwitch] = (), frames_per_block: int = 3,
                   callback: Callable[[dict], None] | None = None, batch_size: int = 1,
                   kv_cache=None, guide: BlockGuide | None = None,
-                  context_timestep: float = 0.0) -> Iterator[torch.Tensor]:
+                  context_timestep: float = 0.0,
+                  live_prompt: Callable[[int], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
     """Yield each block's clean latents [B, frames_per_block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
@@ -157,7 +158,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     ``{"block", "num_blocks", "start_frame", "latents", "state"}``; it may raise to stop the stream.
     guide: a ``BlockGuide`` whose hooks run around each block and on each step's x0 (keyframes).
     context_timestep: t of the clean-context pass after each block (0, as released; the official
-    ``context_noise`` knob).
+    ``context_noise`` knob). live_prompt(block) -> [B, L, text_dim] or None: asked before every
+    block; a prompt it returns switches there exactly as a scheduled switch (``live.LiveSteering``).
     """
     schedule = schedule or FlowMatchSchedule(5.0)
     guide = guide or BlockGuide()
@@ -193,6 +195,9 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     block = 0
     while num_blocks is None or block < num_blocks:
         start_frame = prefill_frames + block * frames_per_block
+        live = live_prompt(block) if live_prompt is not None else None
+        if live is not None:
+            switches[block] = live
         if block in switches:
             state.prompt = switches.pop(block).to(device)
             recache_prompt(model, state, context_timestep)

@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 
+from .live import LiveSteering
 from .memory import estimate_for_model
+from .model import ROPE_MAX_FRAMES
 from .rollout import BlockGuide, NoiseSource, PromptSwitch, stream_blocks
 from .schedule import DEFAULT_STEPS, FlowMatchSchedule
 from .units import blocks_for, video_frames_for
@@ -38,8 +40,13 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
                    prompt_switches: list[PromptSwitch] = (), decoder=None, prefill: torch.Tensor | None = None,
                    guide: BlockGuide | None = None,
                    on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
-                   frames_per_block: int = 3) -> GeneratedVideo:
+                   frames_per_block: int = 3, live: LiveSteering | None = None) -> GeneratedVideo:
     """Generate ``latent_frames`` latent frames after the optional ``prefill`` [B, P, 16, h, w].
+
+    latent_frames 0: run until stopped (``live.request_stop()``), which needs a rolling window
+    (``kv_window_frames``); the stream also ends where the RoPE table ends (``ROPE_MAX_FRAMES``).
+    live: prompt switches and a stop requested while the stream runs, taken at block boundaries;
+    a stop keeps every block generated so far.
 
     prompt: umT5 embeddings [B, L, 4096]. seed: all noise (initial and re-noise) comes from one
     CPU ``torch.Generator`` seeded with it, so results do not depend on the device. decoder: a
@@ -50,8 +57,15 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     """
     if preset not in STEP_PRESETS:
         raise ValueError(f"unknown step preset {preset!r}; choose one of {', '.join(STEP_PRESETS)}")
-    if latent_frames < 1:
-        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    if latent_frames < 0:
+        raise ValueError(f"latent_frames must be >= 1 (or 0: until stopped), got {latent_frames}")
+    prefill_frames = 0 if prefill is None else prefill.shape[1]
+    endless = latent_frames == 0
+    if endless:
+        if not kv_window_frames:
+            raise ValueError("length 0 runs until stopped and needs a rolling KV window: set kv_window_frames "
+                             "(e.g. 21)")
+        latent_frames = (ROPE_MAX_FRAMES - prefill_frames) // frames_per_block * frames_per_block
     started = time.perf_counter()
     shift, steps = STEP_PRESETS[preset]
     schedule = FlowMatchSchedule(shift)
@@ -67,15 +81,26 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise, schedule=schedule,
                            timesteps=schedule.warp(steps), kv_window_frames=kv_window_frames,
                            sink_frames=sink_frames, prefill=prefill, prompt_switches=list(prompt_switches),
-                           frames_per_block=frames_per_block, guide=guide, batch_size=prompt.shape[0])
+                           frames_per_block=frames_per_block, guide=guide, batch_size=prompt.shape[0],
+                           live_prompt=live.take_prompt if live is not None else None)
+    generated, ending = 0, ""
     for block, clean in enumerate(blocks):
         latents.append(clean)
+        generated += clean.shape[1]
         decoded = stream.decode(clean) if stream is not None else None
         if decoded is not None:
             frames.append(decoded)
         if on_block is not None:
             on_block(block, num_blocks, clean, decoded)
-    total_latent = (0 if prefill is None else prefill.shape[1]) + latent_frames
+        if live is not None and block + 1 < num_blocks and live.take_stop(block + 1):
+            ending = f"stopped after block {block + 1} (Stop)\n"
+            break
+    else:
+        if endless:
+            ending = (f"the stream reached the end of the model's RoPE table ({ROPE_MAX_FRAMES} latent frames) "
+                      "and stopped there\n")
+    total_latent = prefill_frames + min(latent_frames, generated)
+    num_blocks = len(latents) - (prefill is not None)
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
     seconds = time.perf_counter() - started
@@ -83,6 +108,6 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
                                   prompt.shape[0], frames_per_block)
     report = (f"{num_blocks} blocks in {seconds:.1f} s ({seconds / num_blocks:.2f} s per block, "
               f"{video_frames_for(total_latent) / seconds:.2f} video frames/s"
-              f"{', decoder included' if decoder is not None else ''})\n"
+              f"{', decoder included' if decoder is not None else ''})\n{ending}"
               f"memory estimate (device): {estimate}")
     return GeneratedVideo(video, pixels, report)
