@@ -1,13 +1,19 @@
 """Streaming rollout: generate video latents block by block against the KV cache.
 
-Per block of ``frames_per_block`` latent frames: start from Gaussian noise, run the few-step
-sampler (predict x0, re-noise with *fresh* noise to the next timestep, repeat), yield the last x0,
-then run the model once more at t = 0 on that clean block so the cache holds clean context.
+Per block: start from Gaussian noise, run the few-step sampler (predict x0, re-noise with *fresh*
+noise to the next timestep, repeat), yield the last x0, then run the model once more at t = 0 on
+that clean block so the cache holds clean context.
+
+Block plans: every block has ``frames_per_block`` latent frames (3 = chunk-wise, 1 = frame-wise),
+except that an *independent first frame* (``first_block_frames=1``) makes the first block a single
+frame, i.e. blocks [1, 3, 3, ...]. Step lists: the first generated block may use its own list
+(``first_block_timesteps``; Causal Forcing's 2- and 1-step models denoise it in 4 steps).
 
 Latents here are the generator's (normalised) latents, layout [B, F, C, H, W] (frames before
 channels); ``latents.py`` converts to what decoders and ComfyUI expect.
 """
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Iterator
 
 import torch
@@ -20,10 +26,12 @@ from .schedule import DEFAULT_STEPS, FlowMatchSchedule
 class NoiseSource:
     """Where the rollout's Gaussian noise comes from.
 
-    Either explicit tensors (``initial`` [B, F_gen, C, H, W] and ``renoise``
-    [num_blocks, steps - 1, B, frames_per_block, C, H, W], as the parity fixtures store them) or a
-    seeded ``torch.Generator``, from which each block draws its initial noise, then its re-noise,
-    in that order (so a stream of any length is reproducible from one seed).
+    Either explicit tensors (``initial`` [B, F_gen, C, H, W] and ``renoise`` indexable as
+    ``renoise[block][step]`` -> [B, frames of that block, C, H, W], e.g. a tensor
+    [num_blocks, steps - 1, B, frames_per_block, C, H, W] as the parity fixtures store it, or nested
+    lists when blocks differ in size or step count) or a seeded ``torch.Generator``, from which each
+    block draws its initial noise, then its re-noise, in that order (so a stream of any length is
+    reproducible from one seed).
     """
 
     generator: torch.Generator | None = None
@@ -40,13 +48,41 @@ class NoiseSource:
 
     def step_noise(self, block: int, step: int, shape, dtype, device) -> torch.Tensor:
         if self.renoise is not None:
-            return self.renoise[block, step].to(device, dtype)
+            return self.renoise[block][step].to(device, dtype)
         return self.draw(shape, dtype, device)
 
     def draw(self, shape, dtype, device) -> torch.Tensor:
         """Fresh float32 Gaussian noise from the generator (on its device), moved to device / dtype."""
         return torch.randn(shape, generator=self.generator, dtype=torch.float32,
                            device=self.generator.device if self.generator else "cpu").to(device, dtype)
+
+
+def block_sizes(frames_per_block: int = 3, first_block_frames: int | None = None) -> Iterator[int]:
+    """Latent frames of each block, in order: ``first_block_frames`` (if given), then ``frames_per_block`` forever."""
+    if frames_per_block < 1 or (first_block_frames is not None and first_block_frames < 1):
+        raise ValueError(f"blocks need at least 1 latent frame, got frames_per_block={frames_per_block}, "
+                         f"first_block_frames={first_block_frames}")
+    if first_block_frames is not None:
+        yield first_block_frames
+    while True:
+        yield frames_per_block
+
+
+def block_plan(latent_frames: int, frames_per_block: int = 3, first_block_frames: int | None = None) -> list[int]:
+    """Frames of each block that together make exactly ``latent_frames`` frames ([1, 3, 3] for 7, 3, 1).
+
+    Raises a ValueError naming the nearest lengths that fill whole blocks.
+    """
+    plan, total = [], 0
+    for size in block_sizes(frames_per_block, first_block_frames):
+        if total >= latent_frames:
+            break
+        plan.append(size)
+        total += size
+    if total != latent_frames:
+        raise ValueError(f"{latent_frames} latent frames do not fill whole blocks of the plan {plan[:-1]} + "
+                         f"[{plan[-1]}, ...]; use {total - plan[-1]} or {total} latent frames")
+    return plan
 
 
 @dataclass
@@ -144,8 +180,10 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                   callback: Callable[[dict], None] | None = None, batch_size: int = 1,
                   kv_cache=None, guide: BlockGuide | None = None,
                   context_timestep: float = 0.0,
-                  live_prompt: Callable[[int], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
-    """Yield each block's clean latents [B, frames_per_block, C, H, W] as soon as it exists.
+                  live_prompt: Callable[[int], torch.Tensor | None] | None = None,
+                  first_block_frames: int | None = None,
+                  first_block_timesteps: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield each block's clean latents [B, frames of the block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
     endless stream (needs ``kv_window_frames``). latent_shape: (C, H, W) of one latent frame.
@@ -160,24 +198,31 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     context_timestep: t of the clean-context pass after each block (0, as released; the official
     ``context_noise`` knob). live_prompt(block) -> [B, L, text_dim] or None: asked before every
     block; a prompt it returns switches there exactly as a scheduled switch (``live.LiveSteering``).
+    frames_per_block / first_block_frames: the block plan (see ``block_sizes``). With a prefill, the
+    plan's first block is the first prefill group (an image-to-video start frame cached alone) and
+    every generated block has ``frames_per_block`` frames.
+    first_block_timesteps: the step list of the first generated block (default: ``timesteps``).
     """
     schedule = schedule or FlowMatchSchedule(5.0)
     guide = guide or BlockGuide()
     timesteps = schedule.warp(DEFAULT_STEPS) if timesteps is None else torch.as_tensor(timesteps)
+    first_timesteps = timesteps if first_block_timesteps is None else torch.as_tensor(first_block_timesteps)
     if num_blocks is None and kv_window_frames is None:
         raise ValueError("an endless stream needs a rolling KV window (kv_window_frames)")
     weight = model.patch_embedding.weight
     dtype, device = weight.dtype, weight.device
     channels, height, width = latent_shape
     prefill_frames = 0 if prefill is None else prefill.shape[1]
+    generated_first = None if prefill_frames else first_block_frames
     if kv_cache is None:
-        capacity = kv_window_frames or prefill_frames + num_blocks * frames_per_block
+        capacity = kv_window_frames or prefill_frames + sum(
+            islice(block_sizes(frames_per_block, generated_first), num_blocks))
         kv_cache = model.new_kv_cache(height, width, capacity, sink_frames, rolling=kv_window_frames is not None,
                                       batch_size=batch_size)
     kv_cache.reset()
     switches = {switch.block: switch.prompt for switch in prompt_switches}
     state = RolloutState(kv_cache, switches.pop(0, prompt).to(device))
-    kept_frames = kv_cache.capacity_frames + frames_per_block  # clean latents kept for a re-cache
+    kept_frames = kv_cache.capacity_frames + max(frames_per_block, first_block_frames or 0)  # kept for a re-cache
 
     def remember(clean: torch.Tensor, start_frame: int):
         for offset in range(clean.shape[1]):
@@ -187,24 +232,28 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                       and f >= kv_cache.sink_frames]:
             del state.clean_frames[frame], state.frame_blocks[frame]
 
-    for first in range(0, prefill_frames, frames_per_block):
-        group = prefill[:, first:first + frames_per_block].to(device, dtype)
+    first, prefill_sizes = 0, block_sizes(frames_per_block, first_block_frames)
+    while first < prefill_frames:
+        group = prefill[:, first:first + next(prefill_sizes)].to(device, dtype)
         write_clean_context(model, group, state.prompt, kv_cache, first)
         remember(group, first)
+        first += group.shape[1]
 
-    block = 0
+    block, generated_frames, generated_sizes = 0, 0, block_sizes(frames_per_block, generated_first)
     while num_blocks is None or block < num_blocks:
-        start_frame = prefill_frames + block * frames_per_block
+        start_frame = prefill_frames + generated_frames
+        num_frames = next(generated_sizes)
         live = live_prompt(block) if live_prompt is not None else None
         if live is not None:
             switches[block] = live
         if block in switches:
             state.prompt = switches.pop(block).to(device)
             recache_prompt(model, state, context_timestep)
-        shape = (batch_size, frames_per_block, channels, height, width)
-        x = noise.block_noise(block, block * frames_per_block, shape, dtype, device)
-        guide.before_block(model, state, start_frame, frames_per_block)
-        clean = denoise_block(model, schedule, timesteps, x, state.prompt, kv_cache, start_frame,
+        shape = (batch_size, num_frames, channels, height, width)
+        x = noise.block_noise(block, generated_frames, shape, dtype, device)
+        guide.before_block(model, state, start_frame, num_frames)
+        clean = denoise_block(model, schedule, first_timesteps if block == 0 else timesteps, x, state.prompt,
+                              kv_cache, start_frame,
                               lambda step: noise.step_noise(block, step, shape, dtype, device),
                               lambda step, x0: guide.guide_x0(start_frame, step, x0))
         write_clean_context(model, clean, state.prompt, kv_cache, start_frame, context_timestep)
@@ -215,6 +264,7 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                       "latents": clean, "state": state})
         yield clean
         block += 1
+        generated_frames += num_frames
 
 
 def sample_video(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int,

@@ -11,9 +11,8 @@ from selfforcing_core.rollout import NoiseSource, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
 
-def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, prefill_frames: int):
-    """A fixture root in the official format whose expected outputs come from an independent
-    float64 run of the same rollout (so the float32 parity run must get within tolerance)."""
+def write_model_root(root, cfg: WanConfig) -> CausalWanModel:
+    """A fixture root's ``weights.safetensors`` and ``model_config.json`` for a random model."""
     torch.manual_seed(0)
     model = CausalWanModel(cfg)
     root.mkdir()
@@ -24,6 +23,13 @@ def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, 
                   "num_layers": cfg.num_layers, "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm,
                   "eps": cfg.eps}
     (root / "model_config.json").write_text(json.dumps({"model": model_json}))
+    return model
+
+
+def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, prefill_frames: int):
+    """A fixture root in the official format whose expected outputs come from an independent
+    float64 run of the same rollout (so the float32 parity run must get within tolerance)."""
+    model = write_model_root(root, cfg)
     folder = root / "case"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(case))
@@ -92,3 +98,94 @@ def test_parity_reproduces_decoder_fixture_roots_with_other_widths_and_shapes(tm
     for root in (taehv_root, wan_root):
         comparisons = run_parity(root)
         assert len(comparisons) >= 4 and all(c.passed for c in comparisons), [c.line() for c in comparisons]
+
+
+def write_flat_case(folder, model: CausalWanModel, case: dict, plan: list[int], steps: list[int], latent_hw,
+                    batch: int, prefill_frames: int, schedule: FlowMatchSchedule):
+    """A case in the flat-draw format of fixtures/selfforcing_framewise and causal_forcing
+    (``renoise_flat``, recorded block plan) whose expected outputs come from a float64 run."""
+    cfg = model.cfg
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(case))
+    g = torch.Generator().manual_seed(2)
+    draws = [[torch.randn(batch, frames, cfg.in_dim, *latent_hw, generator=g) for _ in range(n - 1)]
+             for frames, n in zip(plan, steps)]
+    first_steps = schedule.warp([1000 - i * (1000 // steps[0]) for i in range(steps[0])])
+    later_steps = schedule.warp([1000, 500])
+    inputs = {"noise": torch.randn(batch, sum(plan), cfg.in_dim, *latent_hw, generator=g),
+              "prompt_embeds": torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g),
+              "renoise_flat": torch.cat([d for block in draws for d in block], dim=1),
+              "denoising_step_list": later_steps[:steps[-1]], "denoising_step_list_first_block": first_steps}
+    if prefill_frames:
+        inputs["initial_latent"] = torch.randn(batch, prefill_frames, cfg.in_dim, *latent_hw, generator=g)
+    save_file(inputs, str(folder / "inputs.safetensors"))
+    window = case["local_attn_size"]
+    expected = sample_video(model.double(), inputs["prompt_embeds"].double(), len(plan), (cfg.in_dim, *latent_hw),
+                            noise=NoiseSource(initial=inputs["noise"].double(),
+                                              renoise=[[d.double() for d in block] for block in draws]),
+                            timesteps=inputs["denoising_step_list"], first_block_timesteps=first_steps,
+                            schedule=schedule, kv_window_frames=None if window == -1 else window,
+                            sink_frames=case["sink_size"], frames_per_block=case["num_frame_per_block"],
+                            first_block_frames=1 if case["independent_first_frame"] and not prefill_frames else None,
+                            prefill=inputs["initial_latent"].double() if prefill_frames else None, batch_size=batch)
+    starts = torch.tensor([0] + plan[:-1]).cumsum(0) + prefill_frames
+    save_file({"final_latents": expected.float(), "block_start_frame": starts,
+               "block_num_frames": torch.tensor(plan), "block_num_steps": torch.tensor(steps)},
+              str(folder / "outputs.safetensors"))
+    model.float()
+
+
+def test_parity_reproduces_flat_format_roots_with_other_plans_steps_and_shapes(tmp_path):
+    """Frame-wise with a rolling window and sink, 3-step first block then 2-step blocks; independent
+    first frame; an image-to-video prefill frame: other heads, sizes and batch than the fixtures."""
+    cfg = WanConfig(dim=48, ffn_dim=96, num_layers=2, num_heads=3, text_dim=24, text_len=8)
+    root, schedule = tmp_path / "flat", FlowMatchSchedule(5.0)
+    model = write_model_root(root, cfg)
+    base = {"local_attn_size": -1, "sink_size": 0, "timestep_shift": 5.0, "context_noise": 0}
+    write_flat_case(root / "fw_rolling_3then2", model,
+                    {**base, "num_frame_per_block": 1, "independent_first_frame": False, "local_attn_size": 3,
+                     "sink_size": 1}, [1] * 5, [3, 2, 2, 2, 2], (6, 4), 2, 0, schedule)
+    write_flat_case(root / "iff_t2v", model, {**base, "num_frame_per_block": 2, "independent_first_frame": True},
+                    [1, 2, 2], [2, 2, 2], (6, 4), 2, 0, schedule)
+    write_flat_case(root / "fw_i2v", model, {**base, "num_frame_per_block": 1, "independent_first_frame": False},
+                    [1] * 3, [4, 2, 2], (6, 4), 2, 1, schedule)
+    comparisons = run_parity(root)
+    assert {c.case for c in comparisons} == {"fw_rolling_3then2", "iff_t2v", "fw_i2v"}
+    assert [c.tensor for c in comparisons if c.case == "iff_t2v"] == [
+        "block_start_frame", "block_num_frames", "block_num_steps", "final_latents"]
+    assert all(c.passed for c in comparisons), [c.line() for c in comparisons]
+
+
+def copy_case(source, target, case: str):
+    """A fixture root with one case of ``source`` (files copied, so they can be perturbed)."""
+    import shutil
+
+    target.mkdir()
+    for name in ("weights.safetensors", "model_config.json"):
+        shutil.copy(source / name, target / name)
+    shutil.copytree(source / case, target / case)
+    return target / case
+
+
+def test_framewise_and_causal_forcing_fixtures_are_reproduced(fixtures_dir):
+    for family in ("selfforcing_framewise", "causal_forcing"):
+        comparisons = run_parity(fixtures_dir / family)
+        cases = {c.case for c in comparisons}
+        assert len(cases) >= 3 and all(c.passed for c in comparisons), [c.line() for c in comparisons]
+        assert {c.case for c in comparisons if c.tensor == "final_latents"} == cases
+
+
+def test_parity_fails_on_perturbed_flat_format_inputs_and_outputs(fixtures_dir, tmp_path):
+    """A later block's 2-step re-noise draw or the expected latents changed slightly: the case fails."""
+    from safetensors.torch import load_file
+
+    for label, filename, name, change in (
+            ("renoise", "inputs.safetensors", "renoise_flat", lambda t: t.index_add(1, torch.tensor([t.shape[1] - 1]),
+                                                                                  torch.full_like(t[:, :1], 0.01))),
+            ("output", "outputs.safetensors", "final_latents", lambda t: t + 1e-3 * (t > 0))):
+        case = copy_case(fixtures_dir / "causal_forcing", tmp_path / label, "fw_2step")
+        tensors = load_file(str(case / filename))
+        tensors[name] = change(tensors[name])
+        save_file(tensors, str(case / filename))
+        final = [c for c in run_parity(tmp_path / label) if c.tensor == "final_latents"]
+        assert len(final) == 1 and not final[0].passed and final[0].max_abs_error > 1e-4, final[0].line()

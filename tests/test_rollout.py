@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import NoiseSource, PromptSwitch, sample_video, stream_blocks, write_clean_context
+from selfforcing_core.rollout import (NoiseSource, PromptSwitch, block_plan, sample_video, stream_blocks,
+                                      write_clean_context)
+from selfforcing_core.schedule import FlowMatchSchedule
 from tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 8, 6)  # non-square latent: 4 x 3 = 12 tokens per frame
@@ -149,3 +151,26 @@ def test_a_paused_or_abandoned_stream_leaves_gradient_mode_alone():
     del streams[0]  # closed out of order
     del streams
     assert torch.is_grad_enabled()
+
+
+def test_block_plans_uniform_framewise_and_independent_first_frame():
+    assert block_plan(9) == [3, 3, 3]
+    assert block_plan(4, frames_per_block=1) == [1, 1, 1, 1]
+    assert block_plan(7, first_block_frames=1) == [1, 3, 3]
+    with pytest.raises(ValueError, match="use 7 or 10 latent frames"):
+        block_plan(8, first_block_frames=1)
+
+
+def test_independent_first_frame_stream_yields_the_plan_and_its_own_first_step_list():
+    model, prompt = tiny_model(), tiny_prompt()
+    timesteps = FlowMatchSchedule(5.0).warp([1000, 500])
+    blocks = list(stream_blocks(model, prompt, 3, LATENT, noise=seeded(4), timesteps=timesteps,
+                                first_block_frames=1, first_block_timesteps=timesteps[:1]))
+    assert [b.shape[1] for b in blocks] == [1, 3, 3]
+    # the first block is one call on the first noise draw (a 1-frame block) at t = 1000
+    first_noise = torch.randn((1, 1, *LATENT), generator=torch.Generator().manual_seed(4))
+    t = torch.full((1, 1), float(timesteps[0]))
+    with torch.no_grad():
+        flow = model(first_noise.transpose(1, 2), t, prompt, kv_cache=model.new_kv_cache(*LATENT[1:], 1))
+    expected = FlowMatchSchedule(5.0).x0_from_flow(first_noise, flow.transpose(1, 2), t)
+    torch.testing.assert_close(blocks[0], expected, atol=1e-6, rtol=1e-5)
