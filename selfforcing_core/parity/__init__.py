@@ -36,7 +36,7 @@ def compare(case: str, name: str, actual: torch.Tensor, expected: torch.Tensor,
     return Comparison(case, name, float(error.max()) if error.numel() else 0.0, passed)
 
 
-FORMAT_MODULES = ("generator_fixture", "taehv_fixture", "wanvae_fixture")
+FORMAT_MODULES = ("rolling_fixture", "generator_fixture", "taehv_fixture", "wanvae_fixture")
 
 
 def fixture_formats():
@@ -55,4 +55,4 @@ def run_parity(root: Path) -> list[Comparison]:
         if module.detect(root):
             return module.run(root)
     raise SystemExit(f"parity: {root} is not a known fixture root (expected the layout of "
-                     "../shared/fixtures/selfforcing, taehv or wanvae)")
+                     "../shared/fixtures/selfforcing, selfforcing_framewise, causal_forcing, rolling_forcing, taehv or wanvae)")
