@@ -48,7 +48,7 @@ def rollout_flops(cfg: WanConfig, latent_hw, num_blocks: int, window: int | None
         model = CausalWanModel(cfg).eval().requires_grad_(False)
         prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
         cache = model.new_kv_cache(*latent_hw, capacity_frames=window or 3 * num_blocks, rolling=window is not None)
-        block = torch.zeros(1, cfg.in_dim, 3, *latent_hw)
+        block = torch.zeros(1, 3, cfg.in_dim, *latent_hw)
         with FlopCounterMode(display=False) as counter:
             for index in range(num_blocks):
                 for _ in range(5):
@@ -68,12 +68,12 @@ def per_block_flops(cfg: WanConfig, latent_hw, num_blocks: int) -> list[tuple[in
         for index in range(num_blocks):
             with FlopCounterMode(display=False) as cached:
                 for _ in range(5):
-                    model(torch.zeros(1, cfg.in_dim, 3, *latent_hw), torch.zeros(1, 3), prompt, kv_cache=cache,
+                    model(torch.zeros(1, 3, cfg.in_dim, *latent_hw), torch.zeros(1, 3), prompt, kv_cache=cache,
                           start_frame=3 * index)
             frames = 3 * (index + 1)
             with FlopCounterMode(display=False) as recompute:
                 for _ in range(4):
-                    model(torch.zeros(1, cfg.in_dim, frames, *latent_hw), torch.zeros(1, frames), prompt,
+                    model(torch.zeros(1, frames, cfg.in_dim, *latent_hw), torch.zeros(1, frames), prompt,
                           mode="block_causal")
             rows.append((cached.get_total_flops(), recompute.get_total_flops()))
     return rows

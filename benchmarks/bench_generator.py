@@ -50,9 +50,9 @@ def recompute_rollout(model, prompt, num_blocks, latent_shape, seed, timesteps, 
         x = torch.randn(shape, generator=generator)
         for step, t in enumerate(timesteps):
             t_block = torch.full((1, 3), float(t))
-            sequence = torch.cat([history, x], dim=1).transpose(1, 2)
+            sequence = torch.cat([history, x], dim=1)
             t_full = torch.cat([torch.zeros(1, history.shape[1]), t_block], dim=1)
-            flow = model(sequence, t_full, prompt, mode="block_causal")[:, :, -3:].transpose(1, 2)
+            flow = model(sequence, t_full, prompt, mode="block_causal")[:, -3:]
             x0 = schedule.x0_from_flow(x, flow, t_block)
             if step + 1 < len(timesteps):
                 x = schedule.add_noise(x0, torch.randn(shape, generator=generator),

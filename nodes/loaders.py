@@ -65,7 +65,7 @@ class LoadSelfForcingModel(io.ComfyNode):
         cfg = model.cfg
         info = "\n".join([f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
                           f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
-                          f"{model.patch_embedding.weight.dtype}, on {target}", *report])
+                          f"{model.dtype}, on {target}", *report])
         logging.info("Self-Forcing model loaded:\n%s", info)
         return io.NodeOutput(model, info)
 

@@ -1,6 +1,7 @@
 """Optional ``torch.compile`` of the transformer blocks, with a clean fall back to eager.
 
-Each block's forward is compiled in place (parameter names unchanged). The KV cache's
+Each block's plain forward is compiled and installed as its ``compile`` forward wrapper
+(parameter names unchanged; gradient checkpointing wraps around it, see ``model.Block``). The KV cache's
 bookkeeping (``KVCache.store`` / ``cross``) stays eager, so the compiled graphs see only tensors
 of fixed shape per stream: after the first blocks (the start frame and the number of cached
 frames become symbolic) a long stream never recompiles. ``compiled_graph_count`` exposes
@@ -36,20 +37,19 @@ class CompileState:
 
 
 class CompiledForward:
-    """Callable replacing ``block.forward``: the compiled forward, or the eager one after a failure."""
+    """A block's ``compile`` forward wrapper: the compiled plain forward, or the eager one after a failure."""
 
     def __init__(self, block: nn.Module, state: CompileState, mode: str | None):
-        self.eager = block.forward
-        self.compiled = torch.compile(self.eager, mode=mode)
+        self.compiled = torch.compile(block.plain_forward, mode=mode)
         self.state = state
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, eager, *args):
         if self.state.error is None:
             try:
-                return self.compiled(*args, **kwargs)
+                return self.compiled(*args)
             except Exception as error:  # inductor/triton/C-compiler failures surface on the first call
                 self.state.fail(error)
-        return self.eager(*args, **kwargs)
+        return eager(*args)
 
 
 def compiler_works(device) -> str | None:
@@ -65,30 +65,29 @@ def compiler_works(device) -> str | None:
 def compile_blocks(model: nn.Module, device=None, mode: str | None = None) -> str:
     """Compile every transformer block of ``model`` in place; returns a report line.
 
-    device: where the model will run (default: its patch embedding's device), probed first.
+    device: where the model will run (default: ``model.device``), probed first.
     mode: ``torch.compile`` mode (None = default; "max-autotune-no-cudagraphs" as the official
     demo). CUDA graphs are not supported (the cache is written in place). Calling it twice is a
     no-op. On failure the model stays eager and one warning is issued.
     """
     blocks = model.blocks
-    if all(isinstance(block.__dict__.get("forward"), CompiledForward) for block in blocks):
+    if all("compile" in block.forward_wrappers for block in blocks):
         return f"torch.compile: {len(blocks)} blocks already compiled"
-    device = device or model.patch_embedding.weight.device
+    device = device or model.device
     reason = compiler_works(device)
     if reason is not None:
         CompileState().fail(RuntimeError(reason))
         return f"torch.compile unavailable ({reason}); running eagerly"
     state = CompileState()
     for block in blocks:
-        block.forward = CompiledForward(block, state, mode)
+        block.wrap_forward("compile", CompiledForward(block, state, mode))
     model.compile_state = state
     return f"torch.compile: {len(blocks)} blocks compiled (mode {mode or 'default'}); first call compiles"
 
 
 def compile_failed(model: nn.Module) -> str | None:
     """Reason the model's compiled blocks fell back to eager, or None (not compiled / working)."""
-    state = getattr(model, "compile_state", None)
-    return None if state is None else state.error
+    return None if model.compile_state is None else model.compile_state.error
 
 
 def compiled_graph_count() -> int:

@@ -63,23 +63,24 @@ def enable_gradient_checkpointing(model: CausalWanModel):
     with the same adapter active as the forward pass.
     """
     for block in model.blocks:
-        plain_forward = block.forward
+        block.wrap_forward("checkpoint", checkpointed_forward)
 
-        def forward(*args, _plain=plain_forward):
-            if not torch.is_grad_enabled():
-                return _plain(*args)
-            args[2]()  # embed the prompt once, outside the recomputed region
-            kv_cache = args[7]
-            if kv_cache is not None:
-                args = (*args[:7], CachedContextSnapshot(kv_cache), *args[8:])
-            return checkpoint(_plain, *args, use_reentrant=False)
-        block.forward = forward
+
+def checkpointed_forward(inner, *args):
+    """A block's ``checkpoint`` forward wrapper: ``inner(*args)``, recomputed in the backward pass."""
+    if not torch.is_grad_enabled():
+        return inner(*args)
+    args[2]()  # embed the prompt once, outside the recomputed region
+    kv_cache = args[7]
+    if kv_cache is not None:
+        args = (*args[:7], CachedContextSnapshot(kv_cache), *args[8:])
+    return checkpoint(inner, *args, use_reentrant=False)
 
 
 def disable_gradient_checkpointing(model: CausalWanModel):
-    """Undo ``enable_gradient_checkpointing``."""
+    """Undo ``enable_gradient_checkpointing`` (other forward wrappers, such as compile, stay)."""
     for block in model.blocks:
-        block.__dict__.pop("forward", None)
+        block.wrap_forward("checkpoint", None)
 
 
 def dmd_timesteps(batch: int, generator: torch.Generator, shift: float = 5.0,
@@ -101,8 +102,7 @@ def rollout_with_exit(model: CausalWanModel, prompt: torch.Tensor, noise: NoiseS
     if not 0 <= exit_step < len(timesteps):
         raise ValueError(f"exit step {exit_step} outside 0..{len(timesteps) - 1}")
     channels, height, width = latent_shape
-    weight = model.patch_embedding.weight
-    dtype, device = weight.dtype, weight.device
+    dtype, device = model.dtype, model.device
     kv_cache = model.new_kv_cache(height, width, num_blocks * frames_per_block, batch_size=batch_size)
     grad = torch.is_grad_enabled()
     blocks = []
@@ -119,8 +119,8 @@ def rollout_with_exit(model: CausalWanModel, prompt: torch.Tensor, noise: NoiseS
                 x0 = denoise_block(model, schedule, timesteps[:exit_step], x, prompt, kv_cache, start, step_noise)
                 x = schedule.add_noise(x0, step_noise(exit_step - 1), t_exit)
         with torch.set_grad_enabled(grad), autocast(device):
-            flow = model(x.transpose(1, 2), t_exit, prompt, kv_cache=kv_cache, start_frame=start)
-        x0 = schedule.x0_from_flow(x, flow.transpose(1, 2).float(), t_exit)
+            flow = model(x, t_exit, prompt, kv_cache=kv_cache, start_frame=start)
+        x0 = schedule.x0_from_flow(x, flow.float(), t_exit)
         if block + 1 < num_blocks:  # clean-context pass for the next block (not needed after the last)
             with torch.no_grad(), autocast(device):
                 write_clean_context(model, x0.detach().to(dtype), prompt, kv_cache, start)
@@ -131,8 +131,8 @@ def rollout_with_exit(model: CausalWanModel, prompt: torch.Tensor, noise: NoiseS
 def predict_flow(model: CausalWanModel, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
     """Bidirectional flow prediction with the currently active adapter. x_t [B, F, C, H, W], t [B] -> float32 like x_t."""
     with autocast(x_t.device):
-        flow = model(x_t.transpose(1, 2).to(model.patch_embedding.weight.dtype), t, prompt, mode="bidirectional")
-    return flow.transpose(1, 2).float()
+        flow = model(x_t, t, prompt, mode="bidirectional")
+    return flow.float()
 
 
 def predict_x0(model, schedule: FlowMatchSchedule, x_t, t, prompt) -> torch.Tensor:

@@ -205,15 +205,14 @@ class KeyframeGuide(BlockGuide):
 def write_anchor(model: CausalWanModel, state: RolloutState, keyframe: Keyframe):
     """Write the keyframe latent into the cache at its own frame position, at noise level
     sigma = 1 - strength (fixed noise per frame), under the rollout's current prompt."""
-    weight = model.patch_embedding.weight
     batch = state.kv_cache.k.shape[1]
-    latent = keyframe.latent.to(weight.device, torch.float32).expand(batch, -1, -1, -1)[:, None]
+    latent = keyframe.latent.to(model.device, torch.float32).expand(batch, -1, -1, -1)[:, None]
     sigma = 1.0 - keyframe.strength
     if sigma > 0:
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(keyframe.latent_frame))
         latent = (1 - sigma) * latent + sigma * noise.to(latent.device)
-    t = torch.full((batch, 1), 1000.0 * sigma, device=weight.device)
-    model(latent.to(weight.dtype).transpose(1, 2), t, state.prompt, kv_cache=state.kv_cache,
+    t = torch.full((batch, 1), 1000.0 * sigma, device=model.device)
+    model(latent, t, state.prompt, kv_cache=state.kv_cache,
           start_frame=keyframe.latent_frame)
 
 
@@ -257,9 +256,8 @@ def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent
     if encode is None and (start_image is not None or keyframe_images):
         raise ValueError("keyframe images need an encoder: connect Load Streaming Decoder with Wan VAE or "
                          "TAEHV weights that include the encoder")
-    weight = model.patch_embedding.weight
     start, keyframes = prepare_keyframes(encode, latent_hw, latent_frames, start_image, keyframe_images, fit,
-                                         frames_per_block, prompt.shape[0], weight.device, weight.dtype)
+                                         frames_per_block, prompt.shape[0], model.device, model.dtype)
     start_frames = 0 if start is None else start.shape[1]
     if latent_frames <= start_frames:
         raise ValueError(f"the clip is only {video_frames_for(latent_frames)} frames, which the start image's "

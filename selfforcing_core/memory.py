@@ -103,7 +103,7 @@ def estimate_for_model(model: CausalWanModel, height: int, width: int, kv_window
     quantised = [layer for layer in fp8_layers(model).values() if isinstance(layer, FP8Linear)]
     fp8 = str(quantised[0].weight.dtype).removeprefix("torch.float8_") if quantised else "off"
     return estimate_memory(model.cfg, height, width, kv_window_frames, num_frames,
-                           dtype=model.patch_embedding.weight.dtype, fp8=fp8,
+                           dtype=model.dtype, fp8=fp8,
                            fp8_granularity=quantised[0].granularity if quantised else "tensor",
                            frames_per_block=frames_per_block, batch_size=batch_size,
-                           offload_blocks=sum(hasattr(block, "offload") for block in model.blocks))
+                           offload_blocks=sum(block.offload is not None for block in model.blocks))

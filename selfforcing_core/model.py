@@ -6,13 +6,16 @@
   (optionally only the last ``window_frames`` frames). Equal to the cached mode by construction.
 * ``bidirectional``: every token sees every token (the teacher and critic of DMD training).
 
-Tensors: latents [B, C, F, H, W] (channels before frames, as Wan), timesteps [B, F] (one per
-latent frame), prompt embeddings [B, L <= text_len, text_dim]. Parameter names equal the
+Tensors: latents [B, F, C, H, W] (frames before channels, the layout of every caller; the
+patch embedding sees Wan's [B, C, F, H, W] inside ``forward``), timesteps [B, F] (one per latent
+frame), prompt embeddings [B, L <= text_len, text_dim]. Parameter names equal the
 original Wan2.1 / ComfyUI names, so those state dicts load unchanged. All ``nn.Linear`` layers
 are plain attributes and can be swapped (FP8, LoRA) without touching this file.
 """
 import math
 from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -206,11 +209,22 @@ class CrossAttention(Projections):
         return self.o(attention(q, k, v))
 
 
+FORWARD_WRAPPERS = ("compile", "checkpoint")  # kinds of Block.forward_wrappers, innermost first
+
+
 class Block(nn.Module):
-    """Transformer block with per-frame modulation: self-attn, cross-attn (no gate), FFN."""
+    """Transformer block with per-frame modulation: self-attn, cross-attn (no gate), FFN.
+
+    ``forward_wrappers`` is the one way to change how a block runs: ``wrap_forward(kind, wrapper)``
+    installs ``wrapper(inner, *args)`` for a kind of ``FORWARD_WRAPPERS`` (``compile.py``: the
+    compiled forward; ``dmd.py``: gradient checkpointing); kinds compose in that order around
+    ``plain_forward`` and each is removed on its own. ``offload`` is set by ``offload.py``.
+    """
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
+        self.forward_wrappers: dict[str, Callable] = {}
+        self.offload = None  # offload.BlockOffload while the block's weights live in CPU memory
         self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(cfg)
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
@@ -220,7 +234,23 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e0, context, grid, start_frame, rope, layer, kv_cache, mask):
+    def wrap_forward(self, kind: str, wrapper: Callable | None):
+        """Install ``wrapper(inner, *args)`` as the block's ``kind`` wrapper (None removes it)."""
+        if kind not in FORWARD_WRAPPERS:
+            raise ValueError(f"unknown forward wrapper {kind!r}: use one of {FORWARD_WRAPPERS}")
+        if wrapper is None:
+            self.forward_wrappers.pop(kind, None)
+        else:
+            self.forward_wrappers[kind] = wrapper
+
+    def forward(self, *args):
+        run = self.plain_forward
+        for kind in FORWARD_WRAPPERS:
+            if kind in self.forward_wrappers:
+                run = partial(self.forward_wrappers[kind], run)
+        return run(*args)
+
+    def plain_forward(self, x, e0, context, grid, start_frame, rope, layer, kv_cache, mask):
         frames = grid[0]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)
 
@@ -251,11 +281,17 @@ class Head(nn.Module):
 
 
 class CausalWanModel(nn.Module):
-    """Wan2.1 DiT with block-causal attention, a KV cache and per-frame timestep modulation."""
+    """Wan2.1 DiT with block-causal attention, a KV cache and per-frame timestep modulation.
+
+    ``layout`` names the checkpoint layout the weights came from (``checkpoint.load_generator``);
+    ``compile_state`` is the ``compile.CompileState`` shared by compiled blocks (None: eager).
+    """
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg = cfg
+        self.layout: str | None = None
+        self.compile_state = None
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -265,6 +301,16 @@ class CausalWanModel(nn.Module):
         self.head = Head(cfg)
         self.rope = rope_tables(cfg.head_dim)  # plain attribute, not a buffer: not in state dicts
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (of the non-FP8 weights; FP8 layers compute in it too)."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Compute device (offloaded blocks are streamed to it per call)."""
+        return self.patch_embedding.weight.device
+
     def frame_seqlen(self, latent_h: int, latent_w: int) -> int:
         """Tokens per latent frame (1560 for a 60x104 latent of the 1.3B model)."""
         _, ph, pw = self.cfg.patch_size
@@ -273,10 +319,9 @@ class CausalWanModel(nn.Module):
     def new_kv_cache(self, latent_h: int, latent_w: int, capacity_frames: int, sink_frames: int = 0,
                      rolling: bool = False, batch_size: int = 1, dtype=None, device=None) -> KVCache:
         """A cache sized for this model at a latent resolution (see ``KVCache``)."""
-        weight = self.patch_embedding.weight
         return KVCache(self.cfg.num_layers, self.frame_seqlen(latent_h, latent_w), self.cfg.num_heads,
                        self.cfg.head_dim, capacity_frames, sink_frames, rolling, batch_size,
-                       dtype or weight.dtype, device or weight.device)
+                       dtype or self.dtype, device or self.device)
 
     def embed_text(self, prompt: torch.Tensor) -> torch.Tensor:
         """Zero-pad (or truncate) prompt embeddings to text_len rows and embed. [B, L, text_dim] -> [B, text_len, dim]."""
@@ -293,17 +338,17 @@ class CausalWanModel(nn.Module):
                 frames_per_block: int = 3, window_frames: int | None = None) -> torch.Tensor:
         """Predict the flow ``noise - x0``.
 
-        x: [B, C, F, H, W]; t: [B, F] or [B] (float timesteps, 0..1000); prompt: [B, L, text_dim].
+        x: [B, F, C, H, W] (any float dtype; computed in ``self.dtype``); t: [B, F] or [B] (float timesteps, 0..1000); prompt: [B, L, text_dim].
         mode: ``cached`` (needs ``kv_cache``; x holds the frames starting at ``start_frame``),
         ``block_causal`` (x is the whole sequence from frame ``start_frame``; blocks of
         ``frames_per_block``; optional ``window_frames``) or ``bidirectional``.
-        Returns [B, C_out, F, H, W].
+        Returns [B, F, C_out, H, W] in ``self.dtype``.
         """
         cfg = self.cfg
-        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
-            raise ValueError(f"expected latents [B, {cfg.in_dim}, F, H, W] (channels before frames), "
+        if x.ndim != 5 or x.shape[2] != cfg.in_dim:
+            raise ValueError(f"expected latents [B, F, {cfg.in_dim}, H, W] (frames before channels), "
                              f"got {tuple(x.shape)}")
-        batch, _, frames, height, width = x.shape
+        batch, frames, _, height, width = x.shape
         _, ph, pw = cfg.patch_size
         if height % ph or width % pw:
             raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
@@ -311,7 +356,7 @@ class CausalWanModel(nn.Module):
         if t.shape != (batch, frames):
             raise ValueError(f"timesteps must be [B] or [B, F] = [{batch}, {frames}], got {tuple(t.shape)}")
 
-        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        tokens = self.patch_embedding(x.to(self.dtype).transpose(1, 2))
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major
 
@@ -348,10 +393,10 @@ class CausalWanModel(nn.Module):
         return self.unpatchify(out, grid)
 
     def unpatchify(self, out: torch.Tensor, grid) -> torch.Tensor:
-        """[B, F, h*w, pt*ph*pw*C] (channel fastest) -> [B, C, F*pt, h*ph, w*pw]."""
+        """[B, F, h*w, pt*ph*pw*C] (channel fastest) -> [B, F*pt, C, h*ph, w*pw]."""
         _, h, w = grid
         pt, ph, pw = self.cfg.patch_size
-        return rearrange(out, "b f (h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", h=h, w=w, pt=pt, ph=ph, pw=pw)
+        return rearrange(out, "b f (h w) (pt ph pw c) -> b (f pt) c (h ph) (w pw)", h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
 def block_causal_mask(frames: int, frame_seqlen: int, frames_per_block: int, window_frames: int | None,

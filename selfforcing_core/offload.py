@@ -46,9 +46,9 @@ def offload_blocks(model: nn.Module, num_blocks: int, device) -> str:
     if not 0 <= num_blocks <= len(blocks):
         raise ValueError(f"offload_blocks must be in 0..{len(blocks)} for this model, got {num_blocks}")
     for block in blocks:  # calling twice re-plans from scratch
-        if hasattr(block, "offload"):
+        if block.offload is not None:
             block.offload.remove()
-            del block.offload
+            block.offload = None
     device = torch.device(device)
     offloaded = blocks[:num_blocks]
     for block in blocks[num_blocks:]:

@@ -169,7 +169,7 @@ def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int 
         raise ValueError(f"attention_frames {attention_frames} cannot hold the anchor block and a window of "
                          f"{window_size} blocks of {frames_per_block} frames; use at least "
                          f"{(window_size + 1) * frames_per_block}")
-    dtype, device = model.patch_embedding.weight.dtype, model.patch_embedding.weight.device
+    dtype, device = model.dtype, model.device
     channels, height, width = latent_shape
     shape = (batch_size, frames_per_block, channels, height, width)
     cache = cache or RollingForcingCache(model, (height, width), frames_per_block, cache_frames, attention_frames,
@@ -188,9 +188,9 @@ def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int 
             inputs.append(starting_noise[block] if level == 0 else noisy[block])
         x = torch.cat(inputs, dim=1)
         t = torch.cat([timesteps[level].expand(batch_size, frames_per_block) for level in levels.values()], dim=1)
-        flow = model(x.transpose(1, 2), t.to(device), state.prompt, kv_cache=cache.call("joint"),
+        flow = model(x, t.to(device), state.prompt, kv_cache=cache.call("joint"),
                      start_frame=first * frames_per_block)
-        denoised = schedule.x0_from_flow(x, flow.transpose(1, 2), t).split(frames_per_block, dim=1)
+        denoised = schedule.x0_from_flow(x, flow, t).split(frames_per_block, dim=1)
         for (block, level), block_x0 in zip(levels.items(), denoised):
             x0[block] = block_x0
             if level < window_size - 1:
@@ -198,7 +198,7 @@ def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int 
                 noisy[block] = schedule.add_noise(block_x0, noise.step_noise(block, window - block, shape, dtype,
                                                                              device), next_t)
         clean_t = torch.zeros(batch_size, frames_per_block, device=device)
-        model(x0[first].transpose(1, 2), clean_t, state.prompt, kv_cache=cache.call("update"),
+        model(x0[first], clean_t, state.prompt, kv_cache=cache.call("update"),
               start_frame=first * frames_per_block)
         window += 1
         if num_blocks is None or window < num_blocks + window_size - 1:

@@ -129,8 +129,8 @@ def denoise_block(model: CausalWanModel, schedule: FlowMatchSchedule, timesteps:
     x0 = x
     for step, t in enumerate(timesteps):
         t_frames = torch.full((batch, frames), float(t), device=x.device)
-        flow = model(x.transpose(1, 2), t_frames, prompt, kv_cache=kv_cache, start_frame=start_frame)
-        x0 = schedule.x0_from_flow(x, flow.transpose(1, 2), t_frames)
+        flow = model(x, t_frames, prompt, kv_cache=kv_cache, start_frame=start_frame)
+        x0 = schedule.x0_from_flow(x, flow, t_frames)
         if guide_x0 is not None:
             x0 = guide_x0(step, x0)
         if step + 1 < len(timesteps):
@@ -146,7 +146,7 @@ def write_clean_context(model: CausalWanModel, clean: torch.Tensor, prompt: torc
     timestep: the t the frames are labelled with (0 = clean; the official ``context_noise``).
     """
     t_context = torch.full(clean.shape[:2], float(timestep), device=clean.device)
-    model(clean.transpose(1, 2), t_context, prompt, kv_cache=kv_cache, start_frame=start_frame)
+    model(clean, t_context, prompt, kv_cache=kv_cache, start_frame=start_frame)
 
 
 def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
@@ -209,8 +209,7 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     first_timesteps = timesteps if first_block_timesteps is None else torch.as_tensor(first_block_timesteps)
     if num_blocks is None and kv_window_frames is None:
         raise ValueError("an endless stream needs a rolling KV window (kv_window_frames)")
-    weight = model.patch_embedding.weight
-    dtype, device = weight.dtype, weight.device
+    dtype, device = model.dtype, model.device
     channels, height, width = latent_shape
     prefill_frames = 0 if prefill is None else prefill.shape[1]
     generated_first = None if prefill_frames else first_block_frames

@@ -143,7 +143,7 @@ class Trainer:
         if cfg.finetune == "full" and any(isinstance(m, FP8Linear) for m in model.modules()):
             raise ValueError("full fine-tuning trains every weight, but this model keeps its block linears in FP8; "
                              "load it with fp8 off (fp32 weights for training), or train a LoRA")
-        self.device = model.patch_embedding.weight.device
+        self.device = model.device
         self.schedule = FlowMatchSchedule(cfg.timestep_shift)
         self.timesteps = self.schedule.warp(cfg.denoising_steps)
         for module in model.modules():  # weights made under torch.inference_mode (as in ComfyUI) cannot

@@ -69,5 +69,48 @@ def test_unavailable_compiler_leaves_the_model_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no triton"):
         report = compile_blocks(model, "cpu")
     assert "unavailable" in report and "no triton" in report
-    assert all("forward" not in block.__dict__ for block in model.blocks)
+    assert all(not block.forward_wrappers for block in model.blocks)
     assert torch.equal(stream(model, 1), stream(tiny_model(), 1))
+
+
+def test_gradient_checkpointing_on_and_off_leaves_the_compiled_forward_in_place(monkeypatch):
+    """Compile, then enable and disable gradient checkpointing: the blocks still run compiled
+    (one wrapping mechanism; turning one wrapper off never drops another)."""
+    from selfforcing_core import dmd
+    compiled_calls = []
+
+    def counting_compile(fn, **kwargs):
+        def run(*args):
+            compiled_calls.append(fn)
+            return fn(*args)
+        return run
+    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    eager = stream(tiny_model(), 1)
+    model = tiny_model()
+    compile_blocks(model, "cpu")
+    dmd.enable_gradient_checkpointing(model)
+    assert all(list(block.forward_wrappers) == ["compile", "checkpoint"] for block in model.blocks)
+    dmd.disable_gradient_checkpointing(model)
+    assert all(list(block.forward_wrappers) == ["compile"] for block in model.blocks)
+    assert torch.equal(stream(model, 1), eager)
+    assert len(compiled_calls) == 5 * len(model.blocks)  # 4 steps + clean pass, each block compiled
+    assert "already compiled" in compile_blocks(model, "cpu")
+
+
+def test_checkpointing_wraps_the_compiled_forward_when_enabled_first(monkeypatch):
+    """Whatever the order they are turned on, compile runs inside gradient checkpointing."""
+    from selfforcing_core import dmd
+    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model = tiny_model()
+    dmd.enable_gradient_checkpointing(model)
+    compile_blocks(model, "cpu")
+    block = model.blocks[0]
+    assert list(block.forward_wrappers) == ["checkpoint", "compile"]  # insertion order ...
+    order = []
+    for kind in ("compile", "checkpoint"):
+        wrapper = block.forward_wrappers[kind]
+        block.wrap_forward(kind, lambda inner, *args, _w=wrapper, _k=kind: order.append(_k) or _w(inner, *args))
+    stream(model, 1)
+    assert order[:2] == ["checkpoint", "compile"]  # ... but checkpointing is the outer wrapper

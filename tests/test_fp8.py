@@ -27,7 +27,7 @@ def rel_error(a, b):
 
 def inputs(cfg, frames=3, size=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, cfg.in_dim, frames, size, size, generator=g), torch.full((1, frames), 625.0),
+    return (torch.randn(1, frames, cfg.in_dim, size, size, generator=g), torch.full((1, frames), 625.0),
             torch.randn(1, 5, cfg.text_dim, generator=g))
 
 

@@ -14,7 +14,7 @@ TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, te
 
 def tiny_inputs(batch=1):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(batch, 16, 3, 4, 4, generator=g), torch.full((batch,), 500.0),
+    return (torch.randn(batch, 3, 16, 4, 4, generator=g), torch.full((batch,), 500.0),
             torch.randn(batch, 5, 32, generator=g))
 
 

@@ -38,7 +38,7 @@ def test_cache_bytes_equal_allocated_cache(window):
     model = CausalWanModel(TINY).eval()
     cache = model.new_kv_cache(8, 12, window or 9, rolling=window is not None)
     with torch.no_grad():
-        model(torch.randn(1, 16, 3, 8, 12), torch.full((1, 3), 500.0), torch.randn(1, 4, 32), kv_cache=cache)
+        model(torch.randn(1, 3, 16, 8, 12), torch.full((1, 3), 500.0), torch.randn(1, 4, 32), kv_cache=cache)
     estimate = estimate_memory(TINY, 64, 96, kv_window_frames=window, num_frames=9, dtype=torch.float32)
     assert estimate.kv_cache == tensor_bytes([cache.k, cache.v])
     assert estimate.cross_cache == tensor_bytes(cache.cross_k + cache.cross_v)
@@ -60,7 +60,7 @@ def test_activation_estimate_matches_measured_peak_of_one_block_call(dim, ffn_di
     cfg = WanConfig(dim=dim, ffn_dim=ffn_dim, num_layers=1, num_heads=dim // 128, text_dim=64, text_len=32)
     model = CausalWanModel(cfg).eval()
     cache = model.new_kv_cache(20, 20, 6)
-    x, t, prompt = torch.randn(1, 16, 3, 20, 20), torch.full((1, 3), 500.0), torch.randn(1, 32, 64)
+    x, t, prompt = torch.randn(1, 3, 16, 20, 20), torch.full((1, 3), 500.0), torch.randn(1, 32, 64)
     with torch.no_grad():
         model(x, t, prompt, kv_cache=cache)  # fills the text cache, as every call after the first
         measured = peak_live_bytes(lambda: model(x, t, prompt, kv_cache=cache))

@@ -8,22 +8,22 @@ from tiny import tiny_model, tiny_prompt
 
 def test_block_causal_equals_bidirectional_on_a_single_block_and_differs_on_more():
     model, prompt = tiny_model(), tiny_prompt()
-    x, t = torch.randn(1, 16, 3, 4, 4), torch.full((1, 3), 500.0)
+    x, t = torch.randn(1, 3, 16, 4, 4), torch.full((1, 3), 500.0)
     torch.testing.assert_close(model(x, t, prompt, mode="block_causal"), model(x, t, prompt, mode="bidirectional"))
-    x, t = torch.randn(1, 16, 6, 4, 4), torch.full((1, 6), 500.0)
+    x, t = torch.randn(1, 6, 16, 4, 4), torch.full((1, 6), 500.0)
     causal = model(x, t, prompt, mode="block_causal")
     bidirectional = model(x, t, prompt, mode="bidirectional")
     # The first block cannot see the second in causal mode, so only the first block may differ... and must.
-    assert not torch.allclose(causal[:, :, :3], bidirectional[:, :, :3], atol=1e-4)
+    assert not torch.allclose(causal[:, :3], bidirectional[:, :3], atol=1e-4)
 
 
 def test_block_causal_first_block_ignores_later_frames():
     model, prompt = tiny_model(), tiny_prompt()
-    x, t = torch.randn(1, 16, 6, 4, 4), torch.full((1, 6), 700.0)
+    x, t = torch.randn(1, 6, 16, 4, 4), torch.full((1, 6), 700.0)
     changed = x.clone()
-    changed[:, :, 3:] = torch.randn_like(changed[:, :, 3:])
-    torch.testing.assert_close(model(x, t, prompt, mode="block_causal")[:, :, :3],
-                               model(changed, t, prompt, mode="block_causal")[:, :, :3])
+    changed[:, 3:] = torch.randn_like(changed[:, 3:])
+    torch.testing.assert_close(model(x, t, prompt, mode="block_causal")[:, :3],
+                               model(changed, t, prompt, mode="block_causal")[:, :3])
 
 
 def test_block_causal_mask_with_window():
@@ -45,7 +45,7 @@ def test_rope_rotates_adjacent_pairs_by_absolute_frame_position():
 
 def test_per_frame_timesteps_modulate_each_frame():
     model, prompt = tiny_model(), tiny_prompt()
-    x = torch.randn(1, 16, 3, 4, 4)
+    x = torch.randn(1, 3, 16, 4, 4)
     same = model(x, torch.full((1, 3), 500.0), prompt, mode="bidirectional")
     assert torch.equal(model(x, torch.tensor([500.0]), prompt, mode="bidirectional"), same)
     different = model(x, torch.tensor([[500.0, 500.0, 100.0]]), prompt, mode="bidirectional")
@@ -63,17 +63,17 @@ def test_prompt_padding_and_truncation_to_text_len():
 
 def test_bad_inputs_name_the_expected_shape():
     model, prompt = tiny_model(), tiny_prompt()
-    with pytest.raises(ValueError, match=r"\[B, 16, F, H, W\]"):
-        model(torch.randn(1, 3, 16, 4, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
+    with pytest.raises(ValueError, match=r"\[B, F, 16, H, W\]"):
+        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        model(torch.randn(1, 16, 3, 5, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
+        model(torch.randn(1, 3, 16, 5, 4), torch.zeros(1, 3), prompt, mode="bidirectional")
     with pytest.raises(ValueError, match="umT5"):
-        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), torch.randn(1, 4, 7), mode="bidirectional")
+        model(torch.randn(1, 3, 16, 4, 4), torch.zeros(1, 3), torch.randn(1, 4, 7), mode="bidirectional")
     with pytest.raises(ValueError, match="kv_cache"):
-        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt)
+        model(torch.randn(1, 3, 16, 4, 4), torch.zeros(1, 3), prompt)
     with pytest.raises(ValueError, match="RoPE"):
         cache = model.new_kv_cache(4, 4, capacity_frames=3)
-        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1, 3), prompt, kv_cache=cache, start_frame=1023)
+        model(torch.randn(1, 3, 16, 4, 4), torch.zeros(1, 3), prompt, kv_cache=cache, start_frame=1023)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -47,10 +47,10 @@ def test_offloading_again_replaces_hooks_instead_of_stacking_them():
     model = tiny_model()
     offload_blocks(model, 2, "cpu")
     offload_blocks(model, 1, "cpu")
-    x, t = torch.randn(1, 16, 3, 4, 4), torch.full((1, 3), 500.0)
+    x, t = torch.randn(1, 3, 16, 4, 4), torch.full((1, 3), 500.0)
     model(x, t, PROMPT, mode="bidirectional")
     assert model.blocks[0].offload.load_count == 1
-    assert not hasattr(model.blocks[1], "offload")
+    assert model.blocks[1].offload is None
     assert len(model.blocks[1]._forward_pre_hooks) == 0
 
 

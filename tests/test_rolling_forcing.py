@@ -100,7 +100,7 @@ def test_blocks_leave_in_order_when_they_leave_the_window_and_an_endless_stream_
     model, prompt = tiny_model(), tiny_prompt()
     timesteps = FlowMatchSchedule(5.0).warp([1000, 750, 500])
     seen, calls = [], []
-    model.register_forward_hook(lambda module, args, output: calls.append(output.shape[2]))
+    model.register_forward_hook(lambda module, args, output: calls.append(output.shape[1]))
     stream = stream_rolling(model, prompt, None, LATENT, noise=NoiseSource(torch.Generator().manual_seed(0)),
                             timesteps=timesteps, cache_frames=9, attention_frames=12,
                             callback=lambda info: seen.append((info["block"], info["start_frame"])))

@@ -35,11 +35,11 @@ def test_cached_rollout_equals_block_causal_recompute(window):
     handle.remove()
     assert len(calls) == 4 * 5  # 4 denoising calls + 1 clean-context pass per block
     for x, t, start_frame, flow in calls:
-        history = latents[:, :start_frame].transpose(1, 2)
-        sequence = torch.cat([history, x], dim=2)
+        history = latents[:, :start_frame]
+        sequence = torch.cat([history, x], dim=1)
         t_full = torch.cat([torch.zeros(1, start_frame), t], dim=1)
         full = model(sequence, t_full, prompt, mode="block_causal", window_frames=window)
-        torch.testing.assert_close(full[:, :, start_frame:], flow, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(full[:, start_frame:], flow, atol=2e-5, rtol=1e-5)
 
 
 def test_rollout_reproduces_official_fixtures(fixtures_dir):
@@ -171,6 +171,6 @@ def test_independent_first_frame_stream_yields_the_plan_and_its_own_first_step_l
     first_noise = torch.randn((1, 1, *LATENT), generator=torch.Generator().manual_seed(4))
     t = torch.full((1, 1), float(timesteps[0]))
     with torch.no_grad():
-        flow = model(first_noise.transpose(1, 2), t, prompt, kv_cache=model.new_kv_cache(*LATENT[1:], 1))
-    expected = FlowMatchSchedule(5.0).x0_from_flow(first_noise, flow.transpose(1, 2), t)
+        flow = model(first_noise, t, prompt, kv_cache=model.new_kv_cache(*LATENT[1:], 1))
+    expected = FlowMatchSchedule(5.0).x0_from_flow(first_noise, flow, t)
     torch.testing.assert_close(blocks[0], expected, atol=1e-6, rtol=1e-5)

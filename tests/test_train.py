@@ -255,7 +255,7 @@ def test_close_gives_the_model_back_unchanged_and_the_loss_image_is_drawn():
     trainer.close()
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all("forward" not in block.__dict__ for block in model.blocks)
+    assert all(not block.forward_wrappers for block in model.blocks)
     assert image.shape == (360, 640, 3) and image.min() < 0.5 < image.max()
 
 
