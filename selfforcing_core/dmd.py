@@ -40,19 +40,24 @@ class CachedContextSnapshot:
 
     def __init__(self, kv_cache):
         self.kv_cache, self.context = kv_cache, None
+        self.plan = kv_cache.plan  # the forward pass's plan; the cache's own moves on before backward
+        self.rules = kv_cache.rules
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, rotate) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [B, new tokens, heads, head_dim] -> keys, values [B, valid tokens, heads, head_dim] (see KVCache.store)."""
+        cache, plan = self.kv_cache, self.plan
+        fs = cache.frame_seqlen
+        lo, hi = plan.written_tokens(fs)
         if self.context is None:
-            cache = self.kv_cache
-            cache.store(layer, k.detach(), v.detach())  # the real write (with any eviction), done once
-            plan, fs = cache.plan, cache.frame_seqlen
-            lo, hi, end = plan.first_slot * fs, (plan.first_slot + plan.num_frames) * fs, plan.valid_frames * fs
-            self.context = [(buffer[layer][:, :lo].clone(), buffer[layer][:, hi:end].clone())
-                            for buffer in (cache.k, cache.v)]
+            cache.store(layer, k.detach(), v.detach(), rotate)  # the real write (with any eviction), done once
+            end = plan.valid_frames * fs
+            self.context = [(buffer[:, :lo].clone(), buffer[:, hi:end].clone())
+                            for buffer in (cache.attended_keys(layer), cache.v[layer])]
         (k_before, k_after), (v_before, v_after) = self.context
-        return (torch.cat([k_before, k.to(k_before.dtype), k_after], dim=1),
-                torch.cat([v_before, v.to(v_before.dtype), v_after], dim=1))
+        skip = plan.skipped_frames * fs
+        keys = k if cache.k_rotated is None else rotate(k, plan.position)
+        return (torch.cat([k_before, keys[:, skip:].to(k_before.dtype), k_after], dim=1),
+                torch.cat([v_before, v[:, skip:].to(v_before.dtype), v_after], dim=1))
 
 
 def enable_gradient_checkpointing(model: CausalWanModel):

@@ -25,7 +25,8 @@ from .atomic import save_safetensors
 DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 FILE_PREFIX = "diffusion_model."
-READ_PREFIXES = ("diffusion_model.", "transformer.", "model.diffusion_model.", "")
+READ_PREFIXES = ("diffusion_model.", "transformer.", "model.diffusion_model.", "base_model.model.", "")
+PT_ENTRIES = ("generator_lora",)  # LongLive's lora.pt: {"generator_lora": {...}, "critic_lora": {...}, "step"}
 
 
 class LoRALinear(nn.Module):
@@ -171,15 +172,27 @@ def save_lora(model: nn.Module, adapter: str, path, params: dict | None = None, 
     save_safetensors(adapter_state_dict(model, adapter, params), path, metadata)
 
 
-def read_lora(source) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """LoRA file or state dict -> {wan module name: (down [r, in], up [out, r], alpha)}."""
-    if isinstance(source, dict):
-        tensors = source
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"LoRA file not found: {source}")
+def read_lora_tensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file: ``.safetensors``, or a ``.pt``/``.pth`` read with ``weights_only``
+    (LongLive's dict yields its ``generator_lora`` entry)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
-        tensors = load_file(str(source))
+        return load_file(str(path))
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    for entry in PT_ENTRIES:
+        if isinstance(data, dict) and isinstance(data.get(entry), dict):
+            return data[entry]
+    return data
+
+
+def read_lora(source, alpha: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """LoRA file or state dict -> {wan module name: (down [r, in], up [out, r], alpha)}.
+
+    alpha: used where the file stores none (default: the rank, scale 1).
+    """
+    tensors = source if isinstance(source, dict) else read_lora_tensors(source)
     pattern = re.compile(r"^(.*)\.(lora_down|lora_A)\.weight$")
     adapters = {}
     for key, down in tensors.items():
@@ -190,9 +203,10 @@ def read_lora(source) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         up = tensors.get(f"{stem}.{'lora_up' if kind == 'lora_down' else 'lora_B'}.weight")
         if up is None:
             raise ValueError(f"LoRA tensor {key} has no matching up/B tensor")
-        alpha = tensors.get(f"{stem}.alpha")
+        stored = tensors.get(f"{stem}.alpha")
         prefix = next(p for p in READ_PREFIXES if stem.startswith(p))
-        adapters[stem[len(prefix):]] = (down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+        adapters[stem[len(prefix):]] = (down, up, float(stored) if stored is not None
+                                        else float(down.shape[0] if alpha is None else alpha))
     if not adapters:
         sample = ", ".join(sorted(tensors)[:4]) or "(empty)"
         raise ValueError(f"no LoRA tensors found (expected '<module>.lora_down.weight' / 'lora_A.weight'); "
@@ -239,4 +253,29 @@ def merge_lora(model: nn.Module, source, strength: float = 1.0) -> int:
                 layer.set_weight(layer.dequantised(torch.float32) + delta.to(weight.device))
             else:
                 weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return len(adapters)
+
+
+def attach_lora(model: nn.Module, source, adapter: str = "file", strength: float = 1.0,
+                alpha: float | None = None) -> int:
+    """Add a LoRA file as an unmerged, active adapter (the base weights stay untouched, so
+    ``set_lora_strength`` changes its strength without re-loading); returns the layer count."""
+    adapters = read_lora(source, alpha)
+    for name, (down, up, layer_alpha) in adapters.items():
+        try:
+            parent, attr = _parent_and_attr(model, name)
+            layer = getattr(parent, attr)
+        except AttributeError:
+            raise ValueError(f"LoRA targets {name}, which this model does not have "
+                             "(a LoRA for another architecture?)") from None
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            setattr(parent, attr, layer)
+        if layer.weight.shape != (up.shape[0], down.shape[1]):
+            raise ValueError(f"LoRA {name} is {up.shape[0]}x{down.shape[1]}, the layer is {tuple(layer.weight.shape)}")
+        device = layer.weight.device
+        layer.down[adapter] = nn.Parameter(down.float().to(device), requires_grad=False)
+        layer.up[adapter] = nn.Parameter(up.float().to(device), requires_grad=False)
+        layer.alpha[adapter], layer.strength[adapter] = layer_alpha, strength
+        layer.active = adapter
     return len(adapters)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .kv_cache import KVCache
+from .kv_cache import CacheRules, KVCache
 
 ROPE_MAX_FRAMES = 1024  # length of the RoPE tables: positions 0..1023 per axis
 
@@ -186,11 +186,20 @@ class Projections(nn.Module):
 class SelfAttention(Projections):
     def forward(self, x, grid, start_frame, rope, layer, kv_cache: KVCache | None, mask):
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), rope, grid, start_frame)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), rope, grid, start_frame)
+        frame_tokens = grid[1] * grid[2]
+
+        def rotate(t, first_position):  # t: [B, n * frame_tokens, heads, head_dim]
+            return apply_rope(t, rope, (t.shape[1] // frame_tokens, *grid[1:]), first_position)
+
+        # the cache places the call's frames (absolute or block-relativistic positions)
+        position = start_frame if kv_cache is None else kv_cache.plan.position
+        q = rotate(self.norm_q(self.q(x)).view(heads), position)
+        k = self.norm_k(self.k(x)).view(heads)
+        if kv_cache is None or kv_cache.rules.rope == "absolute":
+            k = rotate(k, position)  # before v exists: a lower peak
         v = self.v(x).view(heads)
         if kv_cache is not None:
-            k, v = kv_cache.store(layer, k, v)
+            k, v = kv_cache.store(layer, k, v, rotate)
         return self.o(attention(q, k, v, mask))
 
 
@@ -317,11 +326,12 @@ class CausalWanModel(nn.Module):
         return (latent_h // ph) * (latent_w // pw)
 
     def new_kv_cache(self, latent_h: int, latent_w: int, capacity_frames: int, sink_frames: int = 0,
-                     rolling: bool = False, batch_size: int = 1, dtype=None, device=None) -> KVCache:
+                     rolling: bool = False, batch_size: int = 1, dtype=None, device=None,
+                     rules: CacheRules = CacheRules()) -> KVCache:
         """A cache sized for this model at a latent resolution (see ``KVCache``)."""
         return KVCache(self.cfg.num_layers, self.frame_seqlen(latent_h, latent_w), self.cfg.num_heads,
                        self.cfg.head_dim, capacity_frames, sink_frames, rolling, batch_size,
-                       dtype or self.dtype, device or self.device)
+                       dtype or self.dtype, device or self.device, rules)
 
     def embed_text(self, prompt: torch.Tensor) -> torch.Tensor:
         """Zero-pad (or truncate) prompt embeddings to text_len rows and embed. [B, L, text_dim] -> [B, text_len, dim]."""

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .kv_cache import CacheRules
 from .model import CausalWanModel
 from .schedule import DEFAULT_STEPS, FlowMatchSchedule
 
@@ -150,9 +151,37 @@ def write_clean_context(model: CausalWanModel, clean: torch.Tensor, prompt: torc
 
 
 def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
-    """Prompt switch: re-project the new prompt and re-encode the cached clean frames under it.
+    """Prompt switch: re-project the new prompt and re-encode the cached clean frames under it,
+    by the cache's ``rules.switch_recache`` (``replay_cached_frames`` or ``recache_window``)."""
+    if state.kv_cache.rules.switch_recache == "window":
+        recache_window(model, state, context_timestep)
+    else:
+        replay_cached_frames(model, state, context_timestep)
 
-    The frames still in the cache (sink first, then the most recent ones) are replayed at t = 0 in
+
+def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
+    """LongLive's switch re-cache: one call over the last ``min(window, S)`` clean frames (S = frames
+    generated so far) under the new prompt, all at once (no causal order among them).
+
+    With ``rules.global_sink`` the sink slots keep the first prompt's keys/values (the call's
+    leading frames that fall there are not stored); without it the cache is zeroed and every slot,
+    the sink included, is re-written.
+    """
+    cache = state.kv_cache
+    end = max(state.clean_frames) + 1
+    first = end - min(cache.capacity_frames, end)
+    clean = torch.stack([state.clean_frames[f] for f in range(first, end)], dim=1)
+    global_sink = cache.rules.global_sink
+    cache.invalidate_prompt()
+    if not global_sink:
+        cache.zero_()
+    with torch.no_grad(), cache.sink_protection(global_sink):
+        write_clean_context(model, clean, state.prompt, cache, first, context_timestep)
+    cache.invalidate_prompt()
+
+
+def replay_cached_frames(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
+    """The frames still in the cache (sink first, then the most recent ones) are replayed at t = 0 in
     their original blocks and positions, oldest first, into an emptied cache; each replayed group
     attends to the groups replayed before it, exactly as when those frames were first cached.
     """
@@ -182,7 +211,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                   context_timestep: float = 0.0,
                   live_prompt: Callable[[int], torch.Tensor | None] | None = None,
                   first_block_frames: int | None = None,
-                  first_block_timesteps: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                  first_block_timesteps: torch.Tensor | None = None,
+                  cache_rules: CacheRules = CacheRules()) -> Iterator[torch.Tensor]:
     """Yield each block's clean latents [B, frames of the block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
@@ -202,6 +232,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
     plan's first block is the first prefill group (an image-to-video start frame cached alone) and
     every generated block has ``frames_per_block`` frames.
     first_block_timesteps: the step list of the first generated block (default: ``timesteps``).
+    cache_rules: RoPE placement, sink protection and switch re-cache of the cache built here (see
+    ``CacheRules``; a given ``kv_cache`` carries its own).
     """
     schedule = schedule or FlowMatchSchedule(5.0)
     guide = guide or BlockGuide()
@@ -217,7 +249,7 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
         capacity = kv_window_frames or prefill_frames + sum(
             islice(block_sizes(frames_per_block, generated_first), num_blocks))
         kv_cache = model.new_kv_cache(height, width, capacity, sink_frames, rolling=kv_window_frames is not None,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, rules=cache_rules)
     kv_cache.reset()
     switches = {switch.block: switch.prompt for switch in prompt_switches}
     state = RolloutState(kv_cache, switches.pop(0, prompt).to(device))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from selfforcing_core.kv_cache import KVCache
+from selfforcing_core.kv_cache import CacheRules, KVCache
 
 FRAME_SEQLEN = 2
 
@@ -13,10 +13,14 @@ def frame_values(frames, heads=1, head_dim=2):
     return values.view(1, -1, 1, 1).expand(1, -1, heads, head_dim).clone()
 
 
+def no_rope(keys, first_position):
+    return keys
+
+
 def write_block(cache, start_frame, num_frames=3, scale=1.0):
     cache.begin_call(start_frame, num_frames)
     frames = list(range(start_frame, start_frame + num_frames))
-    k, v = cache.store(0, scale * frame_values(frames), -scale * frame_values(frames))
+    k, v = cache.store(0, scale * frame_values(frames), -scale * frame_values(frames), no_rope)
     return k, v
 
 
@@ -113,8 +117,66 @@ def test_gradients_flow_through_the_current_call_only():
     write_block(cache, 0)
     cache.begin_call(3, 3)
     k_new = frame_values([3, 4, 5]).requires_grad_(True)
-    k, v = cache.store(0, k_new, frame_values([3, 4, 5]))
+    k, v = cache.store(0, k_new, frame_values([3, 4, 5]), no_rope)
     assert not cache.k.requires_grad
     k.sum().backward()
     assert torch.equal(k_new.grad, torch.ones_like(k_new))
     assert cached_frames(k.detach()) == [0, 1, 2, 3, 4, 5]
+
+
+def recording_rotation(log):
+    """A stand-in RoPE that records (first position, frames) and tags keys with their position."""
+    def rotate(keys, first_position):
+        frames = keys.shape[1] // FRAME_SEQLEN
+        log.append((first_position, frames))
+        positions = torch.arange(first_position, first_position + frames, dtype=keys.dtype).repeat_interleave(FRAME_SEQLEN)
+        return keys + 1000 * positions.view(1, -1, 1, 1)
+    return rotate
+
+
+def test_relative_rope_places_slots_by_index_and_rerotates_the_context_once_per_block():
+    rules = CacheRules(rope="relative")
+    cache = KVCache(1, FRAME_SEQLEN, 1, 2, capacity_frames=9, sink_frames=3, rolling=True, rules=rules)
+    for start in range(0, 30, 3):
+        log = []
+        for call in range(5):  # 4 denoising steps and the clean pass
+            plan = cache.begin_call(start, 3)
+            k, _ = cache.store(0, frame_values(range(start, start + 3)), frame_values(range(start, start + 3)),
+                               recording_rotation(log))
+        assert plan.position == min(start, 6)  # the block's own frames take the last slots
+        # keys read back: frame value + 1000 * slot position; raw keys stay unrotated
+        assert k[0, ::FRAME_SEQLEN, 0, 0].tolist() == [f + 1000 * slot for slot, f in enumerate(cache.slot_frames)]
+        assert cached_frames(cache.k[0][:, :len(cache.slot_frames) * FRAME_SEQLEN]) == cache.slot_frames
+        rotated_context = [entry for entry in log if entry != (plan.position, 3)]
+        assert rotated_context == ([(3, 3)] if start >= 9 else [])  # moved window slots, first call only
+
+
+def test_protected_sink_is_never_written_by_recomputations():
+    cache = KVCache(1, FRAME_SEQLEN, 1, 2, capacity_frames=9, sink_frames=3, rolling=True,
+                    rules=CacheRules(protect_sink=True))
+    for step_scale in (5.0, 1.0):  # block 0 is no re-computation: its clean pass fills the sink
+        write_block(cache, 0, scale=step_scale)
+    for start in (3, 6, 9, 12):
+        write_block(cache, start, scale=5.0)
+        write_block(cache, start)
+    # LongLive's switch re-cache: one call over the whole window [6, 15) ending at the newest frame
+    cache.begin_call(6, 9)
+    k, _ = cache.store(0, 7.0 * frame_values(range(6, 15)), frame_values(range(6, 15)), no_rope)
+    assert cache.slot_frames == [0, 1, 2, 9, 10, 11, 12, 13, 14]
+    assert cached_frames(k) == [0, 1, 2] + [7.0 * f for f in range(9, 15)]
+    with cache.sink_protection(False):  # global_sink off: the sink is re-written too
+        cache.begin_call(6, 9)
+        k, _ = cache.store(0, 7.0 * frame_values(range(6, 15)), frame_values(range(6, 15)), no_rope)
+    assert cache.slot_frames == list(range(6, 15)) and cached_frames(k) == [7.0 * f for f in range(6, 15)]
+
+
+def test_sink_larger_than_a_block_keeps_the_first_step_of_the_protected_part():
+    """LongLive's quirk with sink > block: block 1's re-computations cannot write inside the sink."""
+    cache = KVCache(1, FRAME_SEQLEN, 1, 2, capacity_frames=9, sink_frames=4, rolling=True,
+                    rules=CacheRules(protect_sink=True))
+    cache.reset()
+    k, _ = write_block(cache, 0)
+    assert k.shape[1] == 4 * FRAME_SEQLEN and cached_frames(k)[3] == 0  # zero-filled sink slot attended
+    write_block(cache, 3, scale=5.0)
+    k, _ = write_block(cache, 3)
+    assert cached_frames(k) == [0, 1, 2, 15.0, 4, 5]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import (NoiseSource, PromptSwitch, block_plan, sample_video, stream_blocks,
                                       write_clean_context)
@@ -72,6 +73,22 @@ def test_endless_stream_runs_past_any_global_capacity_with_a_window():
     assert len(blocks) == 8 and all(torch.isfinite(b).all() for b in blocks)
     with pytest.raises(ValueError, match="kv_window_frames"):
         next(stream_blocks(model, prompt, None, LATENT, noise=seeded(0)))
+
+
+def test_relative_rope_equals_absolute_until_the_window_first_evicts():
+    """Block-relativistic RoPE places slot i at position i: identical to absolute positions while
+    no frame was evicted, different from the first block generated after an eviction."""
+    model, prompt = tiny_model(), tiny_prompt()
+
+    def run(rope, window, blocks=4):
+        rules = CacheRules(rope=rope, protect_sink=True, switch_recache="window")
+        return sample_video(model, prompt, blocks, LATENT, noise=seeded(4), kv_window_frames=window,
+                            sink_frames=3, cache_rules=rules)
+
+    assert torch.equal(run("relative", 12), run("absolute", 12))
+    relative, absolute = run("relative", 6), run("absolute", 6)
+    assert torch.equal(relative[:, :6], absolute[:, :6])
+    assert (relative[:, 6:9] - absolute[:, 6:9]).abs().max() > 1e-3
 
 
 def test_callback_exception_stops_the_stream():

@@ -1,4 +1,4 @@
-"""Self Forcing generator fixtures: ``model_config.json`` + ``weights.safetensors`` + case folders.
+"""Generator fixtures of Self Forcing and LongLive: ``model_config.json`` + ``weights.safetensors`` + case folders.
 
 Each case folder holds ``config.json`` (blocks, window, sink, prefill), ``inputs.safetensors``
 (noise, re-noise draws, prompt embeddings, step list, optional prefill latents) and
@@ -11,6 +11,9 @@ independent first frame, Causal Forcing's first-block step list: fixtures/selffo
 and causal_forcing). The flat layout is split by the block plan the rollout computes from the
 case's ``num_frame_per_block`` / ``independent_first_frame``; that plan is compared with the one
 the official pipeline recorded (``block_start_frame``, ``block_num_frames``, ``block_num_steps``).
+LongLive cases (``config.json`` names ``global_sink`` / ``use_infinite_attention``) add the cache
+rules, a prompt switch (``prompt_embeds_2``, ``switch_block``) and a LoRA file (``lora.pt`` or
+``lora.safetensors``, rank/alpha in ``config.json``: the file stores none).
 """
 import json
 from pathlib import Path
@@ -20,8 +23,10 @@ from safetensors.torch import load_file
 
 from . import Comparison, compare
 from ..checkpoint import load_generator
+from ..kv_cache import CacheRules
+from ..lora import active_adapter, attach_lora
 from ..model import WanConfig
-from ..rollout import NoiseSource, block_plan, sample_video
+from ..rollout import NoiseSource, PromptSwitch, block_plan, sample_video
 from ..schedule import FlowMatchSchedule
 
 
@@ -42,6 +47,19 @@ def load_fixture_model(root: Path):
 
 def case_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "config.json").is_file() and (p / "inputs.safetensors").is_file())
+
+
+def cache_rules(config: dict) -> CacheRules:
+    """Self Forcing's rules, or LongLive's (sink protection, one-call window re-cache, RoPE mode)."""
+    if "global_sink" not in config and "use_infinite_attention" not in config:
+        return CacheRules()
+    return CacheRules(rope="relative" if config.get("use_infinite_attention") else "absolute",
+                      protect_sink=True, switch_recache="window", global_sink=config.get("global_sink", True))
+
+
+def lora_file(case: Path) -> Path | None:
+    """The case's LoRA, LongLive's own ``lora.pt`` first."""
+    return next((case / name for name in ("lora.pt", "lora.safetensors") if (case / name).is_file()), None)
 
 
 def split_flat_renoise(flat: torch.Tensor, plan: list[int], steps: list[int]) -> list[list[torch.Tensor]]:
@@ -81,7 +99,10 @@ def run_case(model, case: Path) -> tuple[torch.Tensor, object, dict]:
     num_frames = (0 if prefill is None else prefill.shape[1]) + noise.shape[1]
     kv_cache = model.new_kv_cache(*noise.shape[3:], capacity_frames=num_frames if window == -1 else window,
                                   sink_frames=config.get("sink_size", 0), rolling=window != -1,
-                                  batch_size=noise.shape[0])
+                                  batch_size=noise.shape[0], rules=cache_rules(config))
+    switches = []
+    if "prompt_embeds_2" in inputs:
+        switches = [PromptSwitch(int(inputs["switch_block"].reshape(-1)[0]), inputs["prompt_embeds_2"])]
     latents = sample_video(
         model, inputs["prompt_embeds"], len(plan), tuple(noise.shape[2:]),
         noise=NoiseSource(initial=noise, renoise=renoise),
@@ -95,6 +116,7 @@ def run_case(model, case: Path) -> tuple[torch.Tensor, object, dict]:
         first_block_frames=first_block_frames,
         batch_size=noise.shape[0],
         kv_cache=kv_cache,
+        prompt_switches=switches,
     )
     starts = torch.tensor([0] + plan[:-1]).cumsum(0) + prefill_frames
     return latents, kv_cache, {"block_start_frame": starts, "block_num_frames": torch.tensor(plan),
@@ -106,7 +128,12 @@ def run(root: Path) -> list[Comparison]:
     results = []
     for case in case_dirs(root):
         expected = load_file(str(case / "outputs.safetensors"))
-        latents, kv_cache, plan = run_case(model, case)
+        lora = lora_file(case)
+        if lora is not None:
+            alpha = json.loads((case / "config.json").read_text()).get("lora_alpha")
+            attach_lora(model, lora, adapter=case.name, alpha=alpha)
+        with active_adapter(model, case.name if lora is not None else None):
+            latents, kv_cache, plan = run_case(model, case)
         for name, value in plan.items():
             if name in expected:  # recorded by fixtures whose blocks may differ
                 results.append(compare(case.name, name, value, expected[name], atol=0, rtol=0))
