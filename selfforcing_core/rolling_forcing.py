@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import CacheRules, KVCache, WritePlan
 from .model import CausalWanModel
 from .rollout import NoiseSource, RolloutState
 from .schedule import FlowMatchSchedule
@@ -113,17 +113,20 @@ class RollingForcingCache:
         self.kind = kind
         return self
 
-    def begin_call(self, start_frame: int, num_frames: int):
+    rules = CacheRules()  # absolute RoPE: the model rotates keys before ``store``
+
+    def begin_call(self, start_frame: int, num_frames: int) -> WritePlan:
         self.start_frame, self.num_frames = start_frame, num_frames
-        if self.kind == "update":
-            self.store_cache.begin_call(start_frame, num_frames)
+        self.plan = (self.store_cache.begin_call(start_frame, num_frames) if self.kind == "update"
+                     else WritePlan(0, num_frames, 0, 0, position=start_frame))  # joint calls write nothing
+        return self.plan
 
     @torch.compiler.disable
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, rotate) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values a call's queries attend to. k (after RoPE), v: [B, num_frames * fs, heads, head_dim]."""
         fs, anchor = self.frame_seqlen, self.block_frames
         if self.kind == "update":
-            cached_k, cached_v = self.store_cache.store(layer, k, v)
+            cached_k, cached_v = self.store_cache.store(layer, k, v, rotate)
             if self.start_frame == 0:
                 return k, v
             keep = min(cached_k.shape[1], self.attention_frames * fs)
