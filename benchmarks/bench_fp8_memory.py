@@ -23,7 +23,7 @@ from selfforcing_core.checkpoint import load_generator  # noqa: E402
 from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count  # noqa: E402
 from selfforcing_core.memory import estimate_memory  # noqa: E402
 from selfforcing_core.model import WAN_T2V_1P3B as REAL_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
+from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks  # noqa: E402
 
 
 GIB = 2 ** 30
@@ -88,8 +88,9 @@ def compile_latency(num_blocks: int):
         torch.manual_seed(0)
         models[label] = CausalWanModel(cfg).eval().requires_grad_(False)
     print(compile_blocks(models["compiled"], "cpu"))
-    streams = {label: stream_blocks(model, prompt, num_blocks, (16, 16, 16), kv_window_frames=6,
-                                    noise=NoiseSource(torch.Generator().manual_seed(1)))
+    streams = {label: stream_blocks(model, prompt, num_blocks, (16, 16, 16),
+                                    noise=NoiseSource(torch.Generator().manual_seed(1)),
+                                    settings=StreamSettings(kv_window_frames=6))
                for label, model in models.items()}
     times = {label: [] for label in streams}
     graphs, largest_difference = [], 0.0

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
+from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks  # noqa: E402
 from selfforcing_core.schedule import FlowMatchSchedule  # noqa: E402
 
 CONFIGS = {
@@ -113,8 +113,9 @@ def main():
 
     if args.long_blocks:
         print(f"\nrolling window {args.window} frames, sink {args.sink}: {args.long_blocks} blocks")
-        stream = stream_blocks(model, prompt, args.long_blocks, latent_shape, kv_window_frames=args.window,
-                               sink_frames=args.sink, noise=NoiseSource(torch.Generator().manual_seed(2)))
+        stream = stream_blocks(model, prompt, args.long_blocks, latent_shape,
+                               noise=NoiseSource(torch.Generator().manual_seed(2)),
+                               settings=StreamSettings(kv_window_frames=args.window, sink_frames=args.sink))
         samples = []
         with torch.no_grad():
             start = time.perf_counter()

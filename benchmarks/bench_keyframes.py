@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfforcing_core.checkpoint import load_generator  # noqa: E402
-from selfforcing_core.keyframes import Keyframe, stream_keyframes  # noqa: E402
+from selfforcing_core.keyframes import Keyframe, KeyframeGuide  # noqa: E402
 from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource  # noqa: E402
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video  # noqa: E402
 
 FIXTURE_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "selfforcing" / "weights.safetensors"
 
@@ -59,12 +59,13 @@ def drifting_noise(seed: int, num_blocks: int, latent_shape, steps: int = 4, rad
     return NoiseSource(initial=initial, renoise=renoise)
 
 
-def run(model, prompt, num_blocks, latent_shape, seed, **kwargs) -> tuple[torch.Tensor, float]:
+def run(model, prompt, num_blocks, latent_shape, seed, start=None, keyframes=(), **guide_kwargs):
+    """(clip [F, C, H, W] with the start block first, seconds) of a keyframe-guided stream."""
     began = time.perf_counter()
     with torch.no_grad():
-        video = torch.cat(list(stream_keyframes(model, prompt, num_blocks, latent_shape,
-                                                noise=drifting_noise(seed, num_blocks, latent_shape),
-                                                **kwargs)), dim=1)
+        video = sample_video(model, prompt, num_blocks, latent_shape,
+                             noise=drifting_noise(seed, num_blocks, latent_shape),
+                             settings=StreamSettings(prefill=start), guide=KeyframeGuide(keyframes, **guide_kwargs))
     return video[0], time.perf_counter() - began
 
 

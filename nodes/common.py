@@ -35,18 +35,19 @@ def to_latent(latents: torch.Tensor) -> dict:
 
 
 def block_reporter(total_blocks: int):
-    """on_block callback: host progress bar, a preview of the newest frame, and the interrupt check."""
+    """Per-block callback (``generate_video``): host progress bar, a preview of the newest frame, and
+    the interrupt check."""
     progress = comfy.utils.ProgressBar(total_blocks)
 
-    def on_block(block, num_blocks, latents, frames):
+    def on_block(info: dict):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        preview = None
+        preview, frames = None, info["frames"]
         if frames is not None:
             from PIL import Image
 
             pixels = (to_image(frames[:, -1:])[0].numpy() * 255).round().astype("uint8")
             preview = ("JPEG", Image.fromarray(pixels), PREVIEW_SIZE)
-        progress.update_absolute(block + 1, num_blocks, preview)
+        progress.update_absolute(info["block"] + 1, info["num_blocks"], preview)
 
     return on_block
 

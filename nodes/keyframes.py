@@ -89,7 +89,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
             **arguments, encode=encoder.encode_video if encoder is not None else None,
             start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
             fit=image_fit, method=method, ramp_frames=ramp_frames,
-            on_block=block_reporter(blocks_for(arguments["latent_frames"])))
+            callback=block_reporter(blocks_for(arguments["latent_frames"])))
         return sampler_output(video)
 
 

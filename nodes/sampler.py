@@ -3,12 +3,20 @@ import logging
 
 from comfy_api.latest import io
 
+from ..selfforcing_core.generate import generate_video
 from ..selfforcing_core.latents import comfy_to_generator
-from ..selfforcing_core.rollout import PromptSwitch
-from ..selfforcing_core.streaming import DEFAULT_PRESET, STEP_PRESETS, generate_video
-from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size
+from ..selfforcing_core.rollout import PromptSwitch, StreamSettings
+from ..selfforcing_core.schedule import DEFAULT_STEPS, FlowMatchSchedule
+from ..selfforcing_core.units import block_of_video_frame, blocks_for, latent_frames_for, latent_size, pixel_size
 from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter,
                      prompt_tensor, to_image, to_latent)
+
+# step-preset label -> (scheduler shift, configured steps); the timesteps fed are the warped list.
+STEP_PRESETS = {
+    "4 steps, shift 5 (paper)": (5.0, DEFAULT_STEPS),
+    "4 steps, shift 8 (official demo)": (8.0, DEFAULT_STEPS),
+}
+DEFAULT_PRESET = "4 steps, shift 5 (paper)"
 
 
 def sampler_inputs():
@@ -56,11 +64,13 @@ def sampling_arguments(model, positive, width, height, length, seed, steps, kv_w
                        prompt_schedule=None, decoder=None) -> dict:
     """Node inputs -> keyword arguments of ``generate_video`` (units converted here, at the boundary)."""
     latent_hw = latent_size(width, height)
-    switches = [PromptSwitch(latent_frame_of(frame) // 3, prompt_tensor(cond, "scheduled"))
+    switches = [PromptSwitch(block_of_video_frame(frame), prompt_tensor(cond, "scheduled"))
                 for frame, cond in prompt_schedule or []]
+    shift, configured_steps = STEP_PRESETS[steps]
+    settings = StreamSettings(kv_window_frames=kv_window_frames or None, sink_frames=sink_frames, shift=shift,
+                              timesteps=FlowMatchSchedule(shift).warp(configured_steps), prompt_switches=switches)
     return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length),
-                latent_hw=latent_hw, seed=seed, preset=steps, kv_window_frames=kv_window_frames or None,
-                sink_frames=sink_frames, prompt_switches=switches, decoder=decoder)
+                latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder)
 
 
 def validate_sizes(width, height, length, **_) -> bool | str:
@@ -77,7 +87,7 @@ def sampler_output(video):
     """LATENT and IMAGE outputs; without a decoder the IMAGE is one black frame of the video's size."""
     frames = video.frames
     if frames is None:
-        frames = video.latents.new_zeros(1, 1, 3, video.latents.shape[-2] * 8, video.latents.shape[-1] * 8)
+        frames = video.latents.new_zeros(1, 1, 3, *pixel_size(video.latents.shape[-2:]))
     logging.info("Self-Forcing sampler: %s", video.report)
     return io.NodeOutput(to_latent(video.latents), to_image(frames), video.report)
 
@@ -102,7 +112,7 @@ class SelfForcingStreamingSampler(io.ComfyNode):
     @classmethod
     def execute(cls, **inputs):
         arguments = sampling_arguments(**inputs)
-        video = generate_video(**arguments, on_block=block_reporter(-(-arguments["latent_frames"] // 3)))
+        video = generate_video(**arguments, callback=block_reporter(blocks_for(arguments["latent_frames"])))
         return sampler_output(video)
 
 

@@ -25,15 +25,15 @@ Keyframes at latent frame k with strength s in [0, 1] (the start block holds no 
 
 Strength 0 leaves the rollout untouched (same noise -> the plain streaming sampler's output).
 """
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from .images import resize_to
 from .model import CausalWanModel
-from .rollout import BlockGuide, NoiseSource, PromptSwitch, RolloutState, stream_blocks
-from .streaming import GeneratedVideo, generate_video
+from .generate import GeneratedVideo, generate_video
+from .rollout import BlockGuide, PromptSwitch, RolloutState, StreamSettings
 from .units import SPATIAL_FACTOR, latent_frame_of, video_frames_for
 
 METHODS = ("guidance", "anchor")
@@ -178,8 +178,12 @@ class KeyframeGuide(BlockGuide):
                 weight = keyframe.strength * (1 - distance / (ramp + 1))
                 if weight > 0:
                     self.pulls[keyframe.latent_frame - distance] = (weight, keyframe.latent)
+        self.keyframes = list(keyframes)
         self.anchors = [kf for kf in keyframes if method == "anchor" and kf.strength > 0]
         self.cached_anchors: list[int] = []
+
+    def check(self, num_latent_frames: int | None, prefill_frames: int, latent_shape: tuple[int, int, int]):
+        check_keyframes(self.keyframes, num_latent_frames, prefill_frames, latent_shape)
 
     def guide_x0(self, start_frame: int, step: int, x0: torch.Tensor) -> torch.Tensor:
         frames = [(i, self.pulls[start_frame + i]) for i in range(x0.shape[1]) if start_frame + i in self.pulls]
@@ -216,43 +220,20 @@ def write_anchor(model: CausalWanModel, state: RolloutState, keyframe: Keyframe)
           start_frame=keyframe.latent_frame)
 
 
-def stream_keyframes(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
-                     latent_shape: tuple[int, int, int], *, noise: NoiseSource, start: torch.Tensor | None = None,
-                     keyframes: list[Keyframe] = (), method: str = "guidance", ramp_frames: int = 5,
-                     frames_per_block: int = 3, **stream_kwargs) -> Iterator[torch.Tensor]:
-    """Yield the clip block by block: ``start`` (if given), then each generated block [B, fpb, C, H, W].
-
-    start: prefill latents [B, P, C, H, W] (``start_block`` of a start image). keyframes: targets at
-    absolute latent frames (``pixel_to_latent_frame`` converts times). method / ramp_frames: see the
-    module docstring. Other arguments and ``stream_kwargs`` (rolling window, prompt switches,
-    callback, ...) go to ``stream_blocks``.
-    """
-    keyframes = list(keyframes)
-    guide = KeyframeGuide(keyframes, method, ramp_frames)
-    prefill_frames = 0 if start is None else start.shape[1]
-    num_latent_frames = None if num_blocks is None else prefill_frames + num_blocks * frames_per_block
-    check_keyframes(keyframes, num_latent_frames, prefill_frames, latent_shape)
-    if start is not None:
-        if tuple(start.shape[2:]) != tuple(latent_shape):
-            raise ValueError(f"start latents have shape {tuple(start.shape)}; the video needs "
-                             f"[B, P, {', '.join(map(str, latent_shape))}]")
-        yield start
-    yield from stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise, prefill=start,
-                             frames_per_block=frames_per_block, guide=guide, **stream_kwargs)
-
-
 def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent_frames: int,
                              latent_hw: tuple[int, int], *, encode: Encoder | None,
                              start_image: torch.Tensor | None = None, keyframe_images=(), fit: str = "crop",
-                             method: str = "guidance", ramp_frames: int = 5, prompt_switches=(),
-                             frames_per_block: int = 3, **generate_kwargs) -> GeneratedVideo:
-    """``streaming.generate_video`` steered by a start image and keyframes (the keyframe sampler).
+                             method: str = "guidance", ramp_frames: int = 5, settings: StreamSettings | None = None,
+                             **generate_kwargs) -> GeneratedVideo:
+    """``generate.generate_video`` steered by a start image and keyframes (the keyframe sampler).
 
     latent_frames counts the whole clip, start block included; keyframe times (pixel frames) and
-    the blocks of ``prompt_switches`` count from the clip's start too. Images as in
-    ``prepare_keyframes``; ``encode`` is needed when there are any. Other arguments go to
-    ``generate_video``.
+    the blocks of ``settings.prompt_switches`` count from the clip's start too. Images as in
+    ``prepare_keyframes``; ``encode`` is needed when there are any. The start block becomes
+    ``settings.prefill``. Other arguments go to ``generate_video``.
     """
+    settings = settings or StreamSettings()
+    frames_per_block = settings.frames_per_block
     if encode is None and (start_image is not None or keyframe_images):
         raise ValueError("keyframe images need an encoder: connect Load Streaming Decoder with Wan VAE or "
                          "TAEHV weights that include the encoder")
@@ -263,7 +244,8 @@ def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent
         raise ValueError(f"the clip is only {video_frames_for(latent_frames)} frames, which the start image's "
                          f"still block fills; make it at least {video_frames_for(start_frames + 1)} frames long")
     start_blocks = start_frames // frames_per_block
-    switches = [PromptSwitch(max(0, switch.block - start_blocks), switch.prompt) for switch in prompt_switches]
-    return generate_video(model, prompt, latent_frames - start_frames, latent_hw, prefill=start,
-                          guide=KeyframeGuide(keyframes, method, ramp_frames), prompt_switches=switches,
-                          frames_per_block=frames_per_block, **generate_kwargs)
+    switches = [PromptSwitch(max(0, switch.block - start_blocks), switch.prompt)
+                for switch in settings.prompt_switches]
+    return generate_video(model, prompt, latent_frames - start_frames, latent_hw,
+                          settings=replace(settings, prefill=start, prompt_switches=switches),
+                          guide=KeyframeGuide(keyframes, method, ramp_frames), **generate_kwargs)

@@ -161,8 +161,8 @@ def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int 
     5 steps [1000, 800, 600, 400, 200] warped with shift 5). noise: ``block_noise(b, ...)`` gives
     block b's starting noise; ``step_noise(b, w - b, ...)`` the fresh noise that re-noises block b
     after window w (for a regular video w - b is the block's level, as in Self Forcing).
-    callback: called per emitted block with ``{"block", "num_blocks", "start_frame", "latents",
-    "state"}``; it may raise to stop. The first block leaves after n windows: time to the first
+    callback: called per emitted block with the rollout's dict ``{"block", "num_blocks",
+    "start_frame", "latents", "frames", "state"}`` (``rollout.stream_blocks``); it may raise to stop. The first block leaves after n windows: time to the first
     frame is n joint calls (growing windows) plus n cache updates.
     """
     schedule = schedule or FlowMatchSchedule(5.0)
@@ -211,7 +211,7 @@ def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int 
         noisy.pop(first, None), starting_noise.pop(first, None)
         if callback is not None:
             callback({"block": first, "num_blocks": num_blocks, "start_frame": first * frames_per_block,
-                      "latents": latents, "state": state})
+                      "latents": latents, "frames": None, "state": state})
         yield latents
 
 

@@ -9,6 +9,8 @@ except that an *independent first frame* (``first_block_frames=1``) makes the fi
 frame, i.e. blocks [1, 3, 3, ...]. Step lists: the first generated block may use its own list
 (``first_block_timesteps``; Causal Forcing's 2- and 1-step models denoise it in 4 steps).
 
+Settings travel as one ``StreamSettings`` value; progress travels as one per-block dict callback.
+
 Latents here are the generator's (normalised) latents, layout [B, F, C, H, W] (frames before
 channels); ``latents.py`` converts to what decoders and ComfyUI expect.
 """
@@ -20,7 +22,7 @@ import torch
 
 from .kv_cache import CacheRules
 from .model import CausalWanModel
-from .schedule import DEFAULT_STEPS, FlowMatchSchedule
+from .schedule import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
 
 
 @dataclass
@@ -95,6 +97,39 @@ class PromptSwitch:
 
 
 @dataclass
+class StreamSettings:
+    """How a stream is generated, passed as one value to ``stream_blocks`` / ``generate_video``.
+
+    Everything but the model, prompt, noise and length. Every field has the released Self Forcing
+    default; a new knob is a new field with a default (and a line here).
+    """
+
+    kv_window_frames: int | None = None  # rolling KV cache of this many latent frames (sink included); None: keep all
+    sink_frames: int = 0  # first frames pinned in the rolling cache (attention sink)
+    frames_per_block: int = 3  # block plan: 3 = chunk-wise, 1 = frame-wise (see ``block_sizes``)
+    first_block_frames: int | None = None  # 1: independent first frame, blocks [1, 3, 3, ...]
+    shift: float = 5.0  # flow-matching schedule shift (5 trained and evaluated; 8 official demo)
+    timesteps: torch.Tensor | tuple | None = None  # fed timesteps; None: ``DEFAULT_STEPS`` warped with ``shift``
+    first_block_timesteps: torch.Tensor | tuple | None = None  # first generated block's list; None: ``timesteps``
+    prefill: torch.Tensor | None = None  # clean latents [B, P, C, H, W] cached first (start frames, extension)
+    prompt_switches: list[PromptSwitch] = field(default_factory=list)  # prompt changes at chosen blocks
+    context_timestep: float = 0.0  # t of the clean-context pass (the official ``context_noise``)
+    cache_rules: CacheRules = CacheRules()  # RoPE placement, sink protection, switch re-cache (see ``CacheRules``)
+
+    def schedule(self) -> FlowMatchSchedule:
+        return FlowMatchSchedule(self.shift)
+
+    def step_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first block's, later blocks') fed timesteps, each [steps] float32."""
+        timesteps = self.schedule().warp(DEFAULT_STEPS) if self.timesteps is None else torch.as_tensor(self.timesteps)
+        first = timesteps if self.first_block_timesteps is None else torch.as_tensor(self.first_block_timesteps)
+        for steps in (first, timesteps):
+            if steps.numel() == 0 or (steps <= 0).any() or (steps > NUM_TRAIN_TIMESTEPS).any():
+                raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {steps.tolist()}")
+        return first, timesteps
+
+
+@dataclass
 class RolloutState:
     """What the rollout keeps between blocks (exposed to callbacks and tests)."""
 
@@ -106,6 +141,12 @@ class RolloutState:
 
 class BlockGuide:
     """Hooks that steer a rollout block by block (keyframes use them); this base class changes nothing."""
+
+    def check(self, num_latent_frames: int | None, prefill_frames: int, latent_shape: tuple[int, int, int]):
+        """Called once before the stream starts; raises ValueError if the guide cannot be honoured.
+
+        num_latent_frames: the whole clip, prefill included (None: endless).
+        """
 
     def before_block(self, model: CausalWanModel, state: RolloutState, start_frame: int, num_frames: int):
         """Called before the first denoising step of the block at ``start_frame`` (after a prompt switch)."""
@@ -202,56 +243,52 @@ def replay_cached_frames(model: CausalWanModel, state: RolloutState, context_tim
 
 @torch.no_grad()  # on a generator function: applied around each step, never left on between yields
 def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
-                  latent_shape: tuple[int, int, int], *, noise: NoiseSource,
-                  timesteps: torch.Tensor | None = None, schedule: FlowMatchSchedule | None = None,
-                  kv_window_frames: int | None = None, sink_frames: int = 0, prefill: torch.Tensor | None = None,
-                  prompt_switches: list[PromptSwitch] = (), frames_per_block: int = 3,
-                  callback: Callable[[dict], None] | None = None, batch_size: int = 1,
-                  kv_cache=None, guide: BlockGuide | None = None,
-                  context_timestep: float = 0.0,
-                  live_prompt: Callable[[int], torch.Tensor | None] | None = None,
-                  first_block_frames: int | None = None,
-                  first_block_timesteps: torch.Tensor | None = None,
-                  cache_rules: CacheRules = CacheRules()) -> Iterator[torch.Tensor]:
+                  latent_shape: tuple[int, int, int], *, noise: NoiseSource, settings: StreamSettings | None = None,
+                  callback: Callable[[dict], None] | None = None, guide: BlockGuide | None = None,
+                  live_prompt: Callable[[int], torch.Tensor | None] | None = None, kv_cache=None,
+                  batch_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield each block's clean latents [B, frames of the block, C, H, W] as soon as it exists.
 
     prompt: [B, L, text_dim] umT5 embeddings. num_blocks: blocks to generate, or None for an
-    endless stream (needs ``kv_window_frames``). latent_shape: (C, H, W) of one latent frame.
-    timesteps: the fed timesteps (default: the shift-5 warped 1000/750/500/250 list).
-    kv_window_frames / sink_frames: rolling cache of that many frames with the first
-    ``sink_frames`` pinned; None keeps every frame (global cache).
-    prefill: clean latents [B, P, C, H, W] written into the cache first (video extension, start
-    frames); they are not yielded. prompt_switches: change the prompt at chosen blocks (the
-    caches are re-encoded, see ``recache_prompt``). callback: called after every block with
-    ``{"block", "num_blocks", "start_frame", "latents", "state"}``; it may raise to stop the stream.
-    guide: a ``BlockGuide`` whose hooks run around each block and on each step's x0 (keyframes).
-    context_timestep: t of the clean-context pass after each block (0, as released; the official
-    ``context_noise`` knob). live_prompt(block) -> [B, L, text_dim] or None: asked before every
-    block; a prompt it returns switches there exactly as a scheduled switch (``live.LiveSteering``).
-    frames_per_block / first_block_frames: the block plan (see ``block_sizes``). With a prefill, the
-    plan's first block is the first prefill group (an image-to-video start frame cached alone) and
-    every generated block has ``frames_per_block`` frames.
-    first_block_timesteps: the step list of the first generated block (default: ``timesteps``).
-    cache_rules: RoPE placement, sink protection and switch re-cache of the cache built here (see
-    ``CacheRules``; a given ``kv_cache`` carries its own).
+    endless stream (needs ``settings.kv_window_frames``). latent_shape: (C, H, W) of one latent
+    frame. settings: window, sink, block plan, step lists, prefill (cached first, not yielded),
+    prompt switches (the caches are re-encoded, see ``recache_prompt``) and context timestep.
+    With a prefill, the plan's first block is the first prefill group (an image-to-video start
+    frame cached alone) and every generated block has ``frames_per_block`` frames.
+    callback: called after every block with ``{"block", "num_blocks", "start_frame", "latents",
+    "frames", "state"}`` (frames: decoded frames when a decoder runs, see ``generate_video``, else
+    None); it may raise to stop the stream. guide: a ``BlockGuide`` whose hooks run around each
+    block and on each step's x0 (keyframes). live_prompt(block) -> [B, L, text_dim] or None: asked
+    before every block; a prompt it returns switches there exactly as a scheduled switch
+    (``live.LiveSteering``). kv_cache: a cache to use instead of a new one (tests, parity); it
+    carries its own ``CacheRules``, else ``settings.cache_rules`` apply.
+    batch_size: default the prompt's batch.
     """
-    schedule = schedule or FlowMatchSchedule(5.0)
+    settings = settings or StreamSettings()
     guide = guide or BlockGuide()
-    timesteps = schedule.warp(DEFAULT_STEPS) if timesteps is None else torch.as_tensor(timesteps)
-    first_timesteps = timesteps if first_block_timesteps is None else torch.as_tensor(first_block_timesteps)
-    if num_blocks is None and kv_window_frames is None:
+    schedule = settings.schedule()
+    first_timesteps, timesteps = settings.step_lists()
+    frames_per_block, first_block_frames = settings.frames_per_block, settings.first_block_frames
+    window, prefill = settings.kv_window_frames, settings.prefill
+    if num_blocks is None and window is None:
         raise ValueError("an endless stream needs a rolling KV window (kv_window_frames)")
+    batch_size = prompt.shape[0] if batch_size is None else batch_size
     dtype, device = model.dtype, model.device
     channels, height, width = latent_shape
     prefill_frames = 0 if prefill is None else prefill.shape[1]
+    if prefill is not None and tuple(prefill.shape[2:]) != tuple(latent_shape):
+        raise ValueError(f"prefill latents have shape {tuple(prefill.shape)}; the video needs "
+                         f"[B, P, {', '.join(map(str, latent_shape))}]")
     generated_first = None if prefill_frames else first_block_frames
+    generated_total = None if num_blocks is None else sum(islice(block_sizes(frames_per_block, generated_first),
+                                                                 num_blocks))
+    guide.check(None if num_blocks is None else prefill_frames + generated_total, prefill_frames, latent_shape)
     if kv_cache is None:
-        capacity = kv_window_frames or prefill_frames + sum(
-            islice(block_sizes(frames_per_block, generated_first), num_blocks))
-        kv_cache = model.new_kv_cache(height, width, capacity, sink_frames, rolling=kv_window_frames is not None,
-                                      batch_size=batch_size, rules=cache_rules)
+        kv_cache = model.new_kv_cache(height, width, window or prefill_frames + generated_total,
+                                      settings.sink_frames, rolling=window is not None, batch_size=batch_size,
+                                      rules=settings.cache_rules)
     kv_cache.reset()
-    switches = {switch.block: switch.prompt for switch in prompt_switches}
+    switches = {switch.block: switch.prompt for switch in settings.prompt_switches}
     state = RolloutState(kv_cache, switches.pop(0, prompt).to(device))
     kept_frames = kv_cache.capacity_frames + max(frames_per_block, first_block_frames or 0)  # kept for a re-cache
 
@@ -279,7 +316,7 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
             switches[block] = live
         if block in switches:
             state.prompt = switches.pop(block).to(device)
-            recache_prompt(model, state, context_timestep)
+            recache_prompt(model, state, settings.context_timestep)
         shape = (batch_size, num_frames, channels, height, width)
         x = noise.block_noise(block, generated_frames, shape, dtype, device)
         guide.before_block(model, state, start_frame, num_frames)
@@ -287,22 +324,25 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                               kv_cache, start_frame,
                               lambda step: noise.step_noise(block, step, shape, dtype, device),
                               lambda step, x0: guide.guide_x0(start_frame, step, x0))
-        write_clean_context(model, clean, state.prompt, kv_cache, start_frame, context_timestep)
+        write_clean_context(model, clean, state.prompt, kv_cache, start_frame, settings.context_timestep)
         guide.after_block(model, state, start_frame)
         remember(clean, start_frame)
         if callback is not None:
             callback({"block": block, "num_blocks": num_blocks, "start_frame": start_frame,
-                      "latents": clean, "state": state})
+                      "latents": clean, "frames": None, "state": state})
         yield clean
         block += 1
         generated_frames += num_frames
 
 
 def sample_video(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int,
-                 latent_shape: tuple[int, int, int], **kwargs) -> torch.Tensor:
-    """Whole clip: prefill frames (if any) followed by every generated block. -> [B, P + F_gen, C, H, W]."""
-    blocks = list(stream_blocks(model, prompt, num_blocks, latent_shape, **kwargs))
-    prefill = kwargs.get("prefill")
-    if prefill is not None:
-        blocks.insert(0, prefill.to(blocks[0].device, blocks[0].dtype))
+                 latent_shape: tuple[int, int, int], **stream_kwargs) -> torch.Tensor:
+    """Whole clip: prefill frames (if any) followed by every generated block. -> [B, P + F_gen, C, H, W].
+
+    Arguments as ``stream_blocks``.
+    """
+    blocks = list(stream_blocks(model, prompt, num_blocks, latent_shape, **stream_kwargs))
+    settings = stream_kwargs.get("settings")
+    if settings is not None and settings.prefill is not None:
+        blocks.insert(0, settings.prefill.to(blocks[0].device, blocks[0].dtype))
     return torch.cat(blocks, dim=1)

@@ -20,6 +20,11 @@ def latent_size(width: int, height: int) -> tuple[int, int]:
     return height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
 
 
+def pixel_size(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of a latent of (latent_h, latent_w)."""
+    return latent_hw[0] * SPATIAL_FACTOR, latent_hw[1] * SPATIAL_FACTOR
+
+
 def latent_frames_for(length: int) -> int:
     """Latent frames of a clip of ``length`` video frames (length = 4n + 1)."""
     if length < 1 or (length - 1) % TEMPORAL_FACTOR:
@@ -43,6 +48,11 @@ def latent_frame_of(video_frame: int) -> int:
 def blocks_for(latent_frames: int, frames_per_block: int = 3) -> int:
     """Blocks needed to cover ``latent_frames`` (the last block may run past the end; trim it)."""
     return -(-latent_frames // frames_per_block)
+
+
+def block_of_video_frame(video_frame: int, frames_per_block: int = 3) -> int:
+    """The block whose latent frames contain ``video_frame`` (blocks of ``frames_per_block`` latent frames)."""
+    return latent_frame_of(video_frame) // frames_per_block
 
 
 def whole_block_latent_frames(length: int, frames_per_block: int = 3) -> int:

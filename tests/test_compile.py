@@ -8,7 +8,7 @@ import torch
 import selfforcing_core.compile as compile_module
 from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count, compiler_works
 from selfforcing_core.model import CausalWanModel, WanConfig
-from selfforcing_core.rollout import NoiseSource, stream_blocks
+from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 PROMPT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
@@ -21,9 +21,8 @@ def tiny_model():
 
 def stream(model, num_blocks, after_block=None):
     """Rolling-window rollout (window 6 frames = 2 blocks); returns all frames [1, F, C, H, W]."""
-    blocks = stream_blocks(model, PROMPT, num_blocks, (16, 4, 4), kv_window_frames=6,
-                           noise=NoiseSource(torch.Generator().manual_seed(1)),
-                           callback=after_block)
+    blocks = stream_blocks(model, PROMPT, num_blocks, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)),
+                           callback=after_block, settings=StreamSettings(kv_window_frames=6))
     return torch.cat(list(blocks), dim=1)
 
 

@@ -5,7 +5,7 @@ import torch
 from selfforcing_core import dmd
 from selfforcing_core.lora import active_adapter, adapter_parameters, inject_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
-from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
 torch.set_num_threads(1)
@@ -38,8 +38,8 @@ def test_rollout_with_exit_equals_inference_stopped_at_that_step(exit_step):
     with torch.no_grad(), active_adapter(model, dmd.GENERATOR):
         ours = dmd.rollout_with_exit(model, prompt, explicit_noise(), 2, SHAPE, schedule, timesteps, exit_step,
                                      batch_size=2)
-        inference = sample_video(model, prompt, 2, SHAPE, noise=explicit_noise(), timesteps=timesteps[:exit_step + 1],
-                                 batch_size=2)
+        inference = sample_video(model, prompt, 2, SHAPE, noise=explicit_noise(), batch_size=2,
+                                 settings=StreamSettings(timesteps=timesteps[:exit_step + 1]))
     torch.testing.assert_close(ours, inference, atol=1e-5, rtol=1e-5)
 
 

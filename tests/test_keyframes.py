@@ -4,11 +4,10 @@ import torch
 
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes, encode_still, fit_images,
-                                        generate_keyframed_video,
-                                        keyframe_from_image, pixel_to_latent_frame, prepare_keyframes, start_block,
-                                        stream_keyframes)
+                                        generate_keyframed_video, keyframe_from_image, pixel_to_latent_frame,
+                                        prepare_keyframes, start_block)
 from selfforcing_core.latents import load_codec
-from selfforcing_core.rollout import NoiseSource, PromptSwitch, stream_blocks, write_clean_context
+from selfforcing_core.rollout import NoiseSource, PromptSwitch, StreamSettings, sample_video, write_clean_context
 from tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 4, 6)  # 2 x 3 = 6 tokens per frame; images are 32 x 48
@@ -21,10 +20,6 @@ def seeded(seed=0):
 
 def random_latent(seed, batch=1):
     return torch.randn(batch, *LATENT, generator=torch.Generator().manual_seed(seed))
-
-
-def clip(blocks):
-    return torch.cat(list(blocks), dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +50,9 @@ def test_start_image_prefill_puts_its_encoding_in_the_cache(model, codec_kind):
     assert start.shape == (1, 3, *LATENT)
     torch.testing.assert_close(start[:, 0], codec.encode_video(image[:, None])[:, 0])
     states = []
-    blocks = list(stream_keyframes(model, tiny_prompt(), 2, LATENT, noise=seeded(), start=start,
-                                   callback=lambda info: states.append(info["state"])))
-    assert torch.equal(blocks[0], start)
+    video = sample_video(model, tiny_prompt(), 2, LATENT, noise=seeded(), settings=StreamSettings(prefill=start),
+                         guide=KeyframeGuide([]), callback=lambda info: states.append(info["state"]))
+    assert torch.equal(video[:, :3], start)
     reference = model.new_kv_cache(LATENT[1], LATENT[2], 3, 0, rolling=False)
     write_clean_context(model, start, tiny_prompt(), reference, 0)
     cache, tokens = states[-1].kv_cache, 3 * reference.frame_seqlen
@@ -70,19 +65,18 @@ def test_start_image_prefill_puts_its_encoding_in_the_cache(model, codec_kind):
 @pytest.mark.parametrize("frame", [8, 4])  # end keyframe (last frame), keyframe between (block start)
 def test_strength_one_lands_exactly_on_the_keyframe(model, method, frame):
     key = Keyframe(frame, random_latent(9), 1.0)
-    video = clip(stream_keyframes(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(), keyframes=[key],
-                                  method=method))
+    video = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(), guide=KeyframeGuide([key], method))
     torch.testing.assert_close(video[:, frame], key.latent, rtol=0, atol=1e-6)
-    plain = clip(stream_blocks(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded()))
+    plain = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded())
     assert (video[:, frame] - plain[:, frame]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("method", ["guidance", "anchor"])
 def test_strength_zero_equals_the_plain_streaming_sampler(model, method):
     keys = [Keyframe(4, random_latent(1), 0.0), Keyframe(8, random_latent(2), 0.0)]
-    plain = clip(stream_blocks(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3)))
-    video = clip(stream_keyframes(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3), keyframes=keys,
-                                  method=method, ramp_frames=3))
+    plain = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3))
+    video = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(3),
+                         guide=KeyframeGuide(keys, method, ramp_frames=3))
     assert torch.equal(video, plain)
 
 
@@ -99,12 +93,11 @@ def test_anchor_steers_earlier_blocks_and_leaves_the_cache(model):
     block the cache holds exactly the generated frames again (with a rolling window and a prompt
     switch, the storyboard case)."""
     slots, prompt_b = [], tiny_prompt(seed=4)
-    kwargs = dict(kv_window_frames=5, prompt_switches=[PromptSwitch(2, prompt_b)])
-    video = clip(stream_keyframes(model, tiny_prompt(), 4, LATENT, noise=seeded(), method="anchor",
-                                  keyframes=[Keyframe(11, random_latent(7), 1.0)],
-                                  callback=lambda info: slots.append(list(info["state"].kv_cache.slot_frames)),
-                                  **kwargs))
-    plain = clip(stream_blocks(model, tiny_prompt(), 4, LATENT, noise=seeded(), **kwargs))
+    settings = StreamSettings(kv_window_frames=5, prompt_switches=[PromptSwitch(2, prompt_b)])
+    video = sample_video(model, tiny_prompt(), 4, LATENT, noise=seeded(), settings=settings,
+                         guide=KeyframeGuide([Keyframe(11, random_latent(7), 1.0)], "anchor"),
+                         callback=lambda info: slots.append(list(info["state"].kv_cache.slot_frames)))
+    plain = sample_video(model, tiny_prompt(), 4, LATENT, noise=seeded(), settings=settings)
     assert (video[:, :3] - plain[:, :3]).abs().max() > 1e-3
     # the anchor occupies one window slot while a block is denoised, so one older frame is evicted early
     assert slots == [[0, 1, 2], [2, 3, 4, 5], [5, 6, 7, 8], [7, 8, 9, 10, 11]]
@@ -116,9 +109,10 @@ def test_guidance_with_start_image_window_and_prompt_switch(model, taehv):
     end_image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
     end = keyframe_from_image(taehv.encode_video, end_image, pixel_to_latent_frame(44, 12))
     torch.testing.assert_close(end.latent, encode_still(taehv.encode_video, end_image, 2)[:, 1])
-    video = clip(stream_keyframes(model, tiny_prompt(), 3, LATENT, noise=seeded(), keyframes=[end],
-                                  start=start_block(taehv.encode_video, image), kv_window_frames=6,
-                                  prompt_switches=[PromptSwitch(1, tiny_prompt(seed=8))]))
+    settings = StreamSettings(prefill=start_block(taehv.encode_video, image), kv_window_frames=6,
+                              prompt_switches=[PromptSwitch(1, tiny_prompt(seed=8))])
+    video = sample_video(model, tiny_prompt(), 3, LATENT, noise=seeded(), settings=settings,
+                         guide=KeyframeGuide([end]))
     assert video.shape == (1, 12, *LATENT) and end.latent_frame == 11
     torch.testing.assert_close(video[:, 11], end.latent, rtol=0, atol=1e-6)
 
@@ -178,7 +172,7 @@ def test_keyframed_video_counts_time_from_the_clip_start(model, taehv):
     end = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     video = generate_keyframed_video(model, prompt, 9, (8, 8), encode=taehv.encode_video, start_image=image,
                                      keyframe_images=[(32, end, 1.0)], seed=0,
-                                     prompt_switches=[PromptSwitch(2, other)])
+                                     settings=StreamSettings(prompt_switches=[PromptSwitch(2, other)]))
     start = encode_still(taehv.encode_video, image, 3)
     assert video.latents.shape == (1, 9, 16, 8, 8)
     torch.testing.assert_close(video.latents[:, :3], start)

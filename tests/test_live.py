@@ -6,8 +6,8 @@ import torch
 
 from selfforcing_core.live import LiveRequestError, LiveSteering
 from selfforcing_core.model import ROPE_MAX_FRAMES
-from selfforcing_core.rollout import PromptSwitch
-from selfforcing_core.streaming import generate_video
+from selfforcing_core.generate import generate_video
+from selfforcing_core.rollout import PromptSwitch, StreamSettings
 from tiny import tiny_model, tiny_prompt
 
 HW = (4, 4)
@@ -20,21 +20,23 @@ def model():
 
 
 def steer_during(requests: dict, steering: LiveSteering):
-    """on_block that sends requests[block](steering) right after ``block`` is generated (while the
-    next one would be computing in a live run)."""
-    def on_block(block, num_blocks, latents, frames):
-        if block in requests:
-            requests[block](steering)
+    """Per-block callback that sends requests[block](steering) right after ``block`` is generated
+    (while the next one would be computing in a live run)."""
+    def on_block(info):
+        if info["block"] in requests:
+            requests[info["block"]](steering)
     return on_block
 
 
 @pytest.mark.parametrize("window,switch_block", [(None, 1), (None, 3), (6, 2), (6, 4)])
 def test_live_switch_at_block_k_equals_a_prompt_schedule_switching_at_block_k(model, window, switch_block):
     steering = LiveSteering(PROMPTS.__getitem__)
-    live = generate_video(model, PROMPTS["cat"], 15, HW, seed=3, kv_window_frames=window, live=steering,
-                          on_block=steer_during({switch_block - 1: lambda s: s.request_prompt("dog")}, steering))
-    scheduled = generate_video(model, PROMPTS["cat"], 15, HW, seed=3, kv_window_frames=window,
-                               prompt_switches=[PromptSwitch(switch_block, PROMPTS["dog"])])
+    live = generate_video(model, PROMPTS["cat"], 15, HW, seed=3, live=steering,
+                          callback=steer_during({switch_block - 1: lambda s: s.request_prompt("dog")}, steering),
+                          settings=StreamSettings(kv_window_frames=window))
+    scheduled = generate_video(model, PROMPTS["cat"], 15, HW, seed=3,
+                               settings=StreamSettings(kv_window_frames=window,
+                                                       prompt_switches=[PromptSwitch(switch_block, PROMPTS["dog"])]))
     assert torch.equal(live.latents, scheduled.latents)
     assert [(event.kind, event.text, event.block) for event in steering.log] == [("switch", "dog", switch_block)]
     assert steering.log[0].requested_at <= steering.log[0].applied_at
@@ -42,19 +44,22 @@ def test_live_switch_at_block_k_equals_a_prompt_schedule_switching_at_block_k(mo
 
 def test_two_live_switches_equal_a_two_entry_schedule(model):
     steering = LiveSteering(PROMPTS.__getitem__)
-    live = generate_video(model, PROMPTS["cat"], 15, HW, seed=4, kv_window_frames=6, sink_frames=3, live=steering,
-                          on_block=steer_during({0: lambda s: s.request_prompt("dog"),
-                                                 2: lambda s: s.request_prompt("owl")}, steering))
-    scheduled = generate_video(model, PROMPTS["cat"], 15, HW, seed=4, kv_window_frames=6, sink_frames=3,
-                               prompt_switches=[PromptSwitch(1, PROMPTS["dog"]), PromptSwitch(3, PROMPTS["owl"])])
+    live = generate_video(model, PROMPTS["cat"], 15, HW, seed=4, live=steering,
+                          callback=steer_during({0: lambda s: s.request_prompt("dog"),
+                                                 2: lambda s: s.request_prompt("owl")}, steering),
+                          settings=StreamSettings(kv_window_frames=6, sink_frames=3))
+    scheduled = generate_video(model, PROMPTS["cat"], 15, HW, seed=4,
+                               settings=StreamSettings(kv_window_frames=6, sink_frames=3, prompt_switches=[
+                                   PromptSwitch(1, PROMPTS["dog"]), PromptSwitch(3, PROMPTS["owl"])]))
     assert torch.equal(live.latents, scheduled.latents)
 
 
 def test_a_newer_prompt_replaces_one_not_yet_taken(model):
     steering = LiveSteering(PROMPTS.__getitem__)
     both = {1: lambda s: (s.request_prompt("dog"), s.request_prompt("owl"))}
-    live = generate_video(model, PROMPTS["cat"], 12, HW, seed=1, live=steering, on_block=steer_during(both, steering))
-    scheduled = generate_video(model, PROMPTS["cat"], 12, HW, seed=1, prompt_switches=[PromptSwitch(2, PROMPTS["owl"])])
+    live = generate_video(model, PROMPTS["cat"], 12, HW, seed=1, live=steering, callback=steer_during(both, steering))
+    scheduled = generate_video(model, PROMPTS["cat"], 12, HW, seed=1,
+                               settings=StreamSettings(prompt_switches=[PromptSwitch(2, PROMPTS["owl"])]))
     assert torch.equal(live.latents, scheduled.latents)
     assert [event.text for event in steering.log] == ["owl"]
 
@@ -62,7 +67,7 @@ def test_a_newer_prompt_replaces_one_not_yet_taken(model):
 def test_stop_keeps_every_block_generated_so_far(model):
     steering = LiveSteering(PROMPTS.__getitem__)
     stopped = generate_video(model, PROMPTS["cat"], 21, HW, seed=2, live=steering,
-                             on_block=steer_during({1: LiveSteering.request_stop}, steering))
+                             callback=steer_during({1: LiveSteering.request_stop}, steering))
     whole = generate_video(model, PROMPTS["cat"], 21, HW, seed=2)
     assert stopped.latents.shape[1] == 6 and torch.equal(stopped.latents, whole.latents[:, :6])
     assert [(event.kind, event.block) for event in steering.log] == [("stop", 2)]
@@ -71,18 +76,19 @@ def test_stop_keeps_every_block_generated_so_far(model):
 
 def test_length_zero_runs_until_stopped_with_a_rolling_window(model):
     steering = LiveSteering(PROMPTS.__getitem__)
-    video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, kv_window_frames=6, live=steering,
-                           on_block=steer_during({4: LiveSteering.request_stop}, steering))
+    video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, live=steering,
+                           callback=steer_during({4: LiveSteering.request_stop}, steering),
+                           settings=StreamSettings(kv_window_frames=6))
     assert video.latents.shape[1] == 15
     with pytest.raises(ValueError, match="needs a rolling KV window"):
         generate_video(model, PROMPTS["cat"], 0, HW, seed=2)
 
 
 def test_an_endless_stream_ends_cleanly_at_the_end_of_the_rope_table(model, monkeypatch):
-    import selfforcing_core.streaming as streaming
+    import selfforcing_core.generate as generate
 
-    monkeypatch.setattr(streaming, "ROPE_MAX_FRAMES", 10)  # a short table instead of 1024 frames
-    video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, kv_window_frames=6)
+    monkeypatch.setattr(generate, "ROPE_MAX_FRAMES", 10)  # a short table instead of 1024 frames
+    video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, settings=StreamSettings(kv_window_frames=6))
     assert video.latents.shape[1] == 9 and "end of the model's RoPE table (10 latent frames)" in video.report
     assert ROPE_MAX_FRAMES == 1024
 

@@ -5,7 +5,7 @@ import torch
 from selfforcing_core.checkpoint import load_generator
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.offload import offload_blocks
-from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=3, num_heads=2, text_dim=32, text_len=16)
 PROMPT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
@@ -18,7 +18,7 @@ def tiny_model(fp8="off"):
 
 def rollout(model):
     return sample_video(model, PROMPT, 2, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)),
-                        kv_window_frames=3 * 2)
+                        settings=StreamSettings(kv_window_frames=3 * 2))
 
 
 @pytest.mark.parametrize("fp8", ["off", "e4m3fn"])

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
 
@@ -47,10 +47,12 @@ def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, 
     expected = sample_video(model.double(), inputs["prompt_embeds"].double(), case["num_blocks"],
                             (cfg.in_dim, *latent_hw),
                             noise=NoiseSource(initial=inputs["noise"].double(), renoise=inputs["renoise"].double()),
-                            timesteps=inputs["denoising_step_list"], schedule=schedule,
-                            kv_window_frames=None if window == -1 else window, sink_frames=case["sink_size"],
-                            prefill=inputs["initial_latent"].double() if prefill_frames else None,
-                            batch_size=batch)
+                            batch_size=batch,
+                            settings=StreamSettings(kv_window_frames=None if window == -1 else window,
+                                                    sink_frames=case["sink_size"], shift=schedule.shift,
+                                                    timesteps=inputs["denoising_step_list"],
+                                                    prefill=inputs["initial_latent"].double() if prefill_frames
+                                                    else None))
     save_file({"final_latents": expected.float()}, str(folder / "outputs.safetensors"))
 
 
@@ -123,11 +125,14 @@ def write_flat_case(folder, model: CausalWanModel, case: dict, plan: list[int], 
     expected = sample_video(model.double(), inputs["prompt_embeds"].double(), len(plan), (cfg.in_dim, *latent_hw),
                             noise=NoiseSource(initial=inputs["noise"].double(),
                                               renoise=[[d.double() for d in block] for block in draws]),
-                            timesteps=inputs["denoising_step_list"], first_block_timesteps=first_steps,
-                            schedule=schedule, kv_window_frames=None if window == -1 else window,
-                            sink_frames=case["sink_size"], frames_per_block=case["num_frame_per_block"],
-                            first_block_frames=1 if case["independent_first_frame"] and not prefill_frames else None,
-                            prefill=inputs["initial_latent"].double() if prefill_frames else None, batch_size=batch)
+                            batch_size=batch, settings=StreamSettings(
+                                kv_window_frames=None if window == -1 else window, sink_frames=case["sink_size"],
+                                frames_per_block=case["num_frame_per_block"],
+                                first_block_frames=1 if case["independent_first_frame"] and not prefill_frames
+                                else None,
+                                shift=schedule.shift, timesteps=inputs["denoising_step_list"],
+                                first_block_timesteps=first_steps,
+                                prefill=inputs["initial_latent"].double() if prefill_frames else None))
     starts = torch.tensor([0] + plan[:-1]).cumsum(0) + prefill_frames
     save_file({"final_latents": expected.float(), "block_start_frame": starts,
                "block_num_frames": torch.tensor(plan), "block_num_steps": torch.tensor(steps)},

@@ -12,7 +12,7 @@ from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.lora import active_adapter, attach_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import NoiseSource, PromptSwitch, sample_video
+from selfforcing_core.rollout import NoiseSource, PromptSwitch, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
 CASES = ("infinite", "lora", "rolling_sink", "switch", "switch_noglobalsink")
@@ -126,9 +126,10 @@ def write_longlive_root(root, cfg: WanConfig, latent_hw, window: int, sink: int,
             expected = sample_video(reference.double(), inputs["prompt_embeds"].double(), num_blocks,
                                     (cfg.in_dim, *latent_hw),
                                     noise=NoiseSource(initial=inputs["noise"].double(), renoise=inputs["renoise"].double()),
-                                    timesteps=inputs["denoising_step_list"], schedule=schedule,
-                                    kv_window_frames=window, sink_frames=sink, prompt_switches=switches,
-                                    cache_rules=rules)
+                                    settings=StreamSettings(kv_window_frames=window, sink_frames=sink,
+                                                            shift=schedule.shift,
+                                                            timesteps=inputs["denoising_step_list"],
+                                                            prompt_switches=switches, cache_rules=rules))
         save_file({"final_latents": expected.float()}, str(folder / "outputs.safetensors"))
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from selfforcing_core.model import WanConfig
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.rolling_forcing import sample_rolling, stream_rolling, window_blocks, window_levels
 from selfforcing_core.schedule import FlowMatchSchedule
 from test_parity import write_model_root
@@ -92,7 +92,7 @@ def test_one_step_rolling_forcing_with_a_wide_view_equals_one_step_self_forcing(
     rolling = sample_rolling(model, prompt, 4, LATENT, noise=NoiseSource(torch.Generator().manual_seed(2)),
                              timesteps=timesteps, cache_frames=12, attention_frames=12)
     self_forcing = sample_video(model, prompt, 4, LATENT, noise=NoiseSource(torch.Generator().manual_seed(2)),
-                                timesteps=timesteps)
+                                settings=StreamSettings(timesteps=timesteps))
     torch.testing.assert_close(rolling, self_forcing, atol=2e-5, rtol=1e-5)
 
 

@@ -4,8 +4,8 @@ import torch
 
 from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import (NoiseSource, PromptSwitch, block_plan, sample_video, stream_blocks,
-                                      write_clean_context)
+from selfforcing_core.rollout import (NoiseSource, PromptSwitch, StreamSettings, block_plan, sample_video,
+                                      stream_blocks, write_clean_context)
 from selfforcing_core.schedule import FlowMatchSchedule
 from tiny import tiny_model, tiny_prompt
 
@@ -32,7 +32,8 @@ def test_cached_rollout_equals_block_causal_recompute(window):
     [clean earlier frames at t = 0, the current block at its t] (windowed: the mask's window)."""
     model, prompt = tiny_model(), tiny_prompt()
     calls, handle = record_cached_calls(model)
-    latents = sample_video(model, prompt, 4, LATENT, noise=seeded(3), kv_window_frames=window)
+    latents = sample_video(model, prompt, 4, LATENT, noise=seeded(3),
+                           settings=StreamSettings(kv_window_frames=window))
     handle.remove()
     assert len(calls) == 4 * 5  # 4 denoising calls + 1 clean-context pass per block
     for x, t, start_frame, flow in calls:
@@ -68,7 +69,8 @@ def test_seeded_stream_is_reproducible_and_callback_sees_every_block():
 
 def test_endless_stream_runs_past_any_global_capacity_with_a_window():
     model, prompt = tiny_model(), tiny_prompt()
-    stream = stream_blocks(model, prompt, None, LATENT, noise=seeded(0), kv_window_frames=6, sink_frames=3)
+    stream = stream_blocks(model, prompt, None, LATENT, noise=seeded(0),
+                           settings=StreamSettings(kv_window_frames=6, sink_frames=3))
     blocks = [next(stream) for _ in range(8)]
     assert len(blocks) == 8 and all(torch.isfinite(b).all() for b in blocks)
     with pytest.raises(ValueError, match="kv_window_frames"):
@@ -82,8 +84,8 @@ def test_relative_rope_equals_absolute_until_the_window_first_evicts():
 
     def run(rope, window, blocks=4):
         rules = CacheRules(rope=rope, protect_sink=True, switch_recache="window")
-        return sample_video(model, prompt, blocks, LATENT, noise=seeded(4), kv_window_frames=window,
-                            sink_frames=3, cache_rules=rules)
+        return sample_video(model, prompt, blocks, LATENT, noise=seeded(4),
+                            settings=StreamSettings(cache_rules=rules, kv_window_frames=window, sink_frames=3))
 
     assert torch.equal(run("relative", 12), run("absolute", 12))
     relative, absolute = run("relative", 6), run("absolute", 6)
@@ -109,7 +111,8 @@ def test_switch_to_the_same_prompt_changes_nothing():
     """Re-caching the whole global cache under an unchanged prompt must reproduce it exactly."""
     model, prompt = tiny_model(), tiny_prompt()
     plain = sample_video(model, prompt, 4, LATENT, noise=seeded(5))
-    switched = sample_video(model, prompt, 4, LATENT, noise=seeded(5), prompt_switches=[PromptSwitch(2, prompt)])
+    switched = sample_video(model, prompt, 4, LATENT, noise=seeded(5),
+                            settings=StreamSettings(prompt_switches=[PromptSwitch(2, prompt)]))
     torch.testing.assert_close(switched, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -117,10 +120,12 @@ def test_switch_to_the_same_prompt_changes_nothing():
 def test_prompt_switch_rebuilds_both_caches_under_the_new_prompt(window, sink, switch):
     model, old, new = tiny_model(), tiny_prompt(1), tiny_prompt(2)
     states = []
-    latents = sample_video(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink,
-                           prompt_switches=[PromptSwitch(switch, new)],
-                           callback=lambda info: states.append((info["block"], list(info["state"].kv_cache.slot_frames))))
-    plain = sample_video(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink)
+    settings = StreamSettings(kv_window_frames=window, sink_frames=sink, prompt_switches=[PromptSwitch(switch, new)])
+    latents = sample_video(model, old, 4, LATENT, noise=seeded(5), settings=settings,
+                           callback=lambda info: states.append((info["block"],
+                                                                list(info["state"].kv_cache.slot_frames))))
+    plain = sample_video(model, old, 4, LATENT, noise=seeded(5),
+                         settings=StreamSettings(kv_window_frames=window, sink_frames=sink))
     first = 3 * switch
     torch.testing.assert_close(latents[:, :first], plain[:, :first])  # blocks before the switch are untouched
     assert not torch.allclose(latents[:, first:], plain[:, first:], atol=1e-3)
@@ -140,8 +145,8 @@ def test_prompt_switch_rebuilds_both_caches_under_the_new_prompt(window, sink, s
             group = [f for f in frames_before_switch if 3 * (f // 3) == block_start]
             write_clean_context(model, latents[:, group[0]:group[-1] + 1], new, cache, group[0])
     replay = model.new_kv_cache(*LATENT[1:], capacity_frames=window or 12, sink_frames=sink, rolling=window is not None)
-    stream = stream_blocks(model, old, 4, LATENT, noise=seeded(5), kv_window_frames=window, sink_frames=sink,
-                           prompt_switches=[PromptSwitch(switch, new)], kv_cache=replay, callback=capture)
+    stream = stream_blocks(model, old, 4, LATENT, noise=seeded(5), settings=settings, kv_cache=replay,
+                           callback=capture)
     with torch.no_grad():
         for _ in range(switch):
             next(stream)
@@ -181,8 +186,9 @@ def test_block_plans_uniform_framewise_and_independent_first_frame():
 def test_independent_first_frame_stream_yields_the_plan_and_its_own_first_step_list():
     model, prompt = tiny_model(), tiny_prompt()
     timesteps = FlowMatchSchedule(5.0).warp([1000, 500])
-    blocks = list(stream_blocks(model, prompt, 3, LATENT, noise=seeded(4), timesteps=timesteps,
-                                first_block_frames=1, first_block_timesteps=timesteps[:1]))
+    blocks = list(stream_blocks(model, prompt, 3, LATENT, noise=seeded(4),
+                                settings=StreamSettings(first_block_frames=1, timesteps=timesteps,
+                                                        first_block_timesteps=timesteps[:1])))
     assert [b.shape[1] for b in blocks] == [1, 3, 3]
     # the first block is one call on the first noise draw (a 1-frame block) at t = 1000
     first_noise = torch.randn((1, 1, *LATENT), generator=torch.Generator().manual_seed(4))

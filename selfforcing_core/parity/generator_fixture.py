@@ -26,8 +26,7 @@ from ..checkpoint import load_generator
 from ..kv_cache import CacheRules
 from ..lora import active_adapter, attach_lora
 from ..model import WanConfig
-from ..rollout import NoiseSource, PromptSwitch, block_plan, sample_video
-from ..schedule import FlowMatchSchedule
+from ..rollout import NoiseSource, PromptSwitch, StreamSettings, block_plan, sample_video
 
 
 def detect(root: Path) -> bool:
@@ -103,21 +102,21 @@ def run_case(model, case: Path) -> tuple[torch.Tensor, object, dict]:
     switches = []
     if "prompt_embeds_2" in inputs:
         switches = [PromptSwitch(int(inputs["switch_block"].reshape(-1)[0]), inputs["prompt_embeds_2"])]
-    latents = sample_video(
-        model, inputs["prompt_embeds"], len(plan), tuple(noise.shape[2:]),
-        noise=NoiseSource(initial=noise, renoise=renoise),
-        timesteps=timesteps, first_block_timesteps=first_timesteps,
-        schedule=FlowMatchSchedule(config.get("timestep_shift", 5.0)),
-        context_timestep=config.get("context_noise", 0),
+    settings = StreamSettings(
         kv_window_frames=None if window == -1 else window,
         sink_frames=config.get("sink_size", 0),
-        prefill=prefill,
         frames_per_block=frames_per_block,
         first_block_frames=first_block_frames,
-        batch_size=noise.shape[0],
-        kv_cache=kv_cache,
+        shift=config.get("timestep_shift", 5.0),
+        timesteps=timesteps,
+        first_block_timesteps=first_timesteps,
+        prefill=prefill,
         prompt_switches=switches,
+        context_timestep=config.get("context_noise", 0),
     )
+    latents = sample_video(model, inputs["prompt_embeds"], len(plan), tuple(noise.shape[2:]),
+                           noise=NoiseSource(initial=noise, renoise=renoise), settings=settings,
+                           batch_size=noise.shape[0], kv_cache=kv_cache)
     starts = torch.tensor([0] + plan[:-1]).cumsum(0) + prefill_frames
     return latents, kv_cache, {"block_start_frame": starts, "block_num_frames": torch.tensor(plan),
                                "block_num_steps": torch.tensor(steps)}

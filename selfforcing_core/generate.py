@@ -1,8 +1,9 @@
-"""Generate a clip block by block and decode each block while the next one is generated.
+"""Clip-level generation: a whole clip, each block decoded while the next one is generated.
 
 This is the entry point the sampler nodes call: it joins the rollout (``rollout.stream_blocks``)
 and a streaming decoder (``latents.VideoStream``), trims whole blocks to the requested length,
-and reports every block (latents and decoded frames) to a callback for progress and previews.
+and reports every block (latents and decoded frames) to the rollout's per-block dict callback
+for progress and previews.
 """
 import time
 from dataclasses import dataclass
@@ -13,16 +14,8 @@ import torch
 from .live import LiveSteering
 from .memory import estimate_for_model
 from .model import ROPE_MAX_FRAMES
-from .rollout import BlockGuide, NoiseSource, PromptSwitch, stream_blocks
-from .schedule import DEFAULT_STEPS, FlowMatchSchedule
-from .units import blocks_for, video_frames_for
-
-# name -> (scheduler shift, configured steps); the timesteps fed are the warped list.
-STEP_PRESETS = {
-    "4 steps, shift 5 (paper)": (5.0, DEFAULT_STEPS),
-    "4 steps, shift 8 (official demo)": (8.0, DEFAULT_STEPS),
-}
-DEFAULT_PRESET = "4 steps, shift 5 (paper)"
+from .rollout import BlockGuide, NoiseSource, StreamSettings, stream_blocks
+from .units import blocks_for, pixel_size, video_frames_for
 
 
 @dataclass
@@ -36,39 +29,34 @@ class GeneratedVideo:
 
 
 def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int], *, seed: int,
-                   preset: str = DEFAULT_PRESET, kv_window_frames: int | None = None, sink_frames: int = 0,
-                   prompt_switches: list[PromptSwitch] = (), decoder=None, prefill: torch.Tensor | None = None,
-                   guide: BlockGuide | None = None,
-                   on_block: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
-                   frames_per_block: int = 3, live: LiveSteering | None = None) -> GeneratedVideo:
-    """Generate ``latent_frames`` latent frames after the optional ``prefill`` [B, P, 16, h, w].
+                   settings: StreamSettings | None = None, decoder=None, guide: BlockGuide | None = None,
+                   callback: Callable[[dict], None] | None = None, live: LiveSteering | None = None) -> GeneratedVideo:
+    """Generate ``latent_frames`` latent frames after the optional ``settings.prefill`` [B, P, 16, h, w].
 
     latent_frames 0: run until stopped (``live.request_stop()``), which needs a rolling window
-    (``kv_window_frames``); the stream also ends where the RoPE table ends (``ROPE_MAX_FRAMES``).
-    live: prompt switches and a stop requested while the stream runs, taken at block boundaries;
-    a stop keeps every block generated so far.
+    (``settings.kv_window_frames``); the stream also ends where the RoPE table ends
+    (``ROPE_MAX_FRAMES``). live: prompt switches and a stop requested while the stream runs,
+    taken at block boundaries; a stop keeps every block generated so far.
 
     prompt: umT5 embeddings [B, L, 4096]. seed: all noise (initial and re-noise) comes from one
     CPU ``torch.Generator`` seeded with it, so results do not depend on the device. decoder: a
-    codec from ``latents.load_codec`` (TAEHV or Wan VAE) or None. on_block(block, num_blocks,
-    latents, frames) runs after each block, with that block's latents and decoded frames; it
-    may raise (e.g. on a user interrupt) to stop generation.
+    codec from ``latents.load_codec`` (TAEHV or Wan VAE) or None. callback: the rollout's
+    per-block dict (``stream_blocks``), its ``frames`` the block's decoded frames [B, T, 3, H, W]
+    (None without a decoder); it may raise (e.g. on a user interrupt) to stop generation.
     Returns the prefill frames followed by the generated ones, trimmed to the requested length.
     """
-    if preset not in STEP_PRESETS:
-        raise ValueError(f"unknown step preset {preset!r}; choose one of {', '.join(STEP_PRESETS)}")
+    settings = settings or StreamSettings()
+    prefill, frames_per_block = settings.prefill, settings.frames_per_block
     if latent_frames < 0:
         raise ValueError(f"latent_frames must be >= 1 (or 0: until stopped), got {latent_frames}")
     prefill_frames = 0 if prefill is None else prefill.shape[1]
     endless = latent_frames == 0
     if endless:
-        if not kv_window_frames:
+        if not settings.kv_window_frames:
             raise ValueError("length 0 runs until stopped and needs a rolling KV window: set kv_window_frames "
                              "(e.g. 21)")
         latent_frames = (ROPE_MAX_FRAMES - prefill_frames) // frames_per_block * frames_per_block
     started = time.perf_counter()
-    shift, steps = STEP_PRESETS[preset]
-    schedule = FlowMatchSchedule(shift)
     num_blocks = blocks_for(latent_frames, frames_per_block)
     latent_shape = (model.cfg.in_dim, *latent_hw)
     noise = NoiseSource(generator=torch.Generator().manual_seed(seed))
@@ -78,20 +66,21 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
         latents.append(prefill)
         if stream is not None:
             frames.append(stream.decode(prefill))
-    blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise, schedule=schedule,
-                           timesteps=schedule.warp(steps), kv_window_frames=kv_window_frames,
-                           sink_frames=sink_frames, prefill=prefill, prompt_switches=list(prompt_switches),
-                           frames_per_block=frames_per_block, guide=guide, batch_size=prompt.shape[0],
+
+    def on_block(info: dict):
+        info["frames"] = stream.decode(info["latents"]) if stream is not None else None
+        if info["frames"] is not None:
+            frames.append(info["frames"])
+        if callback is not None:
+            callback(info)
+
+    blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise,
+                           settings=settings, callback=on_block, guide=guide,
                            live_prompt=live.take_prompt if live is not None else None)
     generated, ending = 0, ""
     for block, clean in enumerate(blocks):
         latents.append(clean)
         generated += clean.shape[1]
-        decoded = stream.decode(clean) if stream is not None else None
-        if decoded is not None:
-            frames.append(decoded)
-        if on_block is not None:
-            on_block(block, num_blocks, clean, decoded)
         if live is not None and block + 1 < num_blocks and live.take_stop(block + 1):
             ending = f"stopped after block {block + 1} (Stop)\n"
             break
@@ -104,7 +93,7 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
     seconds = time.perf_counter() - started
-    estimate = estimate_for_model(model, 8 * latent_hw[0], 8 * latent_hw[1], kv_window_frames, total_latent,
+    estimate = estimate_for_model(model, *pixel_size(latent_hw), settings.kv_window_frames, total_latent,
                                   prompt.shape[0], frames_per_block)
     report = (f"{num_blocks} blocks in {seconds:.1f} s ({seconds / num_blocks:.2f} s per block, "
               f"{video_frames_for(total_latent) / seconds:.2f} video frames/s"
