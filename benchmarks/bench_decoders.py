@@ -30,7 +30,8 @@ def run_case(name: str, frames: int, size: int, threads: int, repeats: int) -> d
 
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     from decoder_weights import taehv_state_dict, wan_vae_state_dict
-    from selfforcing_core.latents import load_codec, normalised_to_raw
+    from selfforcing_core.codec_loading import load_codec
+    from selfforcing_core.latents import normalised_to_raw
 
     torch.set_num_threads(threads)
     kind, block = CASES[name]

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decoder_weights import taehv_shapes, wan_vae_shapes  # noqa: E402
-from selfforcing_core.latents import load_codec  # noqa: E402
+from selfforcing_core.codec_loading import load_codec  # noqa: E402
 from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
 from selfforcing_core.rollout import NoiseSource, sample_video  # noqa: E402
 from selfforcing_core.units import video_frames_for  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..selfforcing_core.fp8 import FP8_FORMATS, GRANULARITIES
-from ..selfforcing_core.latents import load_codec
+from ..selfforcing_core.codec_loading import load_codec
 from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
 from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, StreamingDecoder, compute_device,
                      file_options, resolve_file)

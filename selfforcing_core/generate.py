@@ -1,7 +1,7 @@
 """Clip-level generation: a whole clip, each block decoded while the next one is generated.
 
 This is the entry point the sampler nodes call: it joins the rollout (``rollout.stream_blocks``)
-and a streaming decoder (``latents.VideoStream``), trims whole blocks to the requested length,
+and a streaming decoder (``codec.VideoStream``), trims whole blocks to the requested length,
 and reports every block (latents and decoded frames) to the rollout's per-block dict callback
 for progress and previews.
 """
@@ -40,7 +40,7 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
 
     prompt: umT5 embeddings [B, L, 4096]. seed: all noise (initial and re-noise) comes from one
     CPU ``torch.Generator`` seeded with it, so results do not depend on the device. decoder: a
-    codec from ``latents.load_codec`` (TAEHV or Wan VAE) or None. callback: the rollout's
+    codec from ``codec_loading.load_codec`` (TAEHV or Wan VAE) or None. callback: the rollout's
     per-block dict (``stream_blocks``), its ``frames`` the block's decoded frames [B, T, 3, H, W]
     (None without a decoder); it may raise (e.g. on a user interrupt) to stop generation.
     Returns the prefill frames followed by the generated ones, trimmed to the requested length.

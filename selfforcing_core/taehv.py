@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .latents import StreamingCodec, normalised_to_raw, raw_to_normalised
+from .codec import StreamingCodec
+from .latents import normalised_to_raw, raw_to_normalised
 
 # Layer kinds by nn.Sequential index (the taew2_1 layout). Parameterless kinds are fixed by
 # the layout; parameter shapes give all widths and TPool strides.
@@ -144,7 +145,6 @@ class TAEHV(StreamingCodec):
 
     decode_chunk_frames = None  # whole clip in one time-parallel pass (activations O(T))
     encode_chunk_frames = None
-    frames_to_trim = 3  # start-up frames of the decoder (t_upscale - 1), dropped
 
     def __init__(self, encoder: nn.Sequential | None, decoder: nn.Sequential, latent_space: str = "normalised"):
         super().__init__()
@@ -152,7 +152,9 @@ class TAEHV(StreamingCodec):
             raise ValueError(f"latent_space must be 'normalised' or 'raw', got {latent_space!r}")
         self.encoder, self.decoder, self.latent_space = encoder, decoder, latent_space
         self.latent_channels = decoder[1].in_channels
-        self.t_upscale = 2 ** sum(layer.stride == 2 for layer in decoder if isinstance(layer, TGrow))
+        # The decoder makes 2^(stride-2 TGrows) frames per latent; the first latent's extra ones
+        # are start-up frames, dropped (3 for taew2_1: latent 0 -> 1 frame).
+        self.startup_frames = 2 ** sum(layer.stride == 2 for layer in decoder if isinstance(layer, TGrow)) - 1
         self.t_downscale = 1 if encoder is None else 2 ** sum(
             layer.stride == 2 for layer in encoder if isinstance(layer, TPool))
 
@@ -189,7 +191,7 @@ class TAEHV(StreamingCodec):
         if self.latent_space == "raw":
             latents = normalised_to_raw(latents)
         frames = _run_causal(self.decoder, latents, state)
-        trim = max(0, self.frames_to_trim - state.get("frames_done", 0))
+        trim = max(0, self.startup_frames - state.get("frames_done", 0))
         state["frames_done"] = state.get("frames_done", 0) + frames.shape[1]
         return frames[:, trim:].clamp(0, 1)
 

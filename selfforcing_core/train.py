@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_generator
 from .clips import load_clips, prepare_clips
-from .latents import load_codec
+from .codec_loading import load_codec
 from .prompt_embeddings import load_prompt_embeddings
 from .trainer import Trainer, TrainConfig, format_losses
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .latents import StreamingCodec, normalised_to_raw, raw_to_normalised
+from .codec import StreamingCodec
+from .latents import normalised_to_raw, raw_to_normalised
 
 
 class CausalConv3d(nn.Conv3d):

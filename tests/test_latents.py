@@ -1,15 +1,12 @@
-"""Latent conventions: normalisation constants, space/layout conversions, host round trips, loading."""
+"""Latent conventions: normalisation constants, space/layout conversions, host round trips."""
 import json
 
 import pytest
 import torch
 
 from comfy_paths import import_comfy
-from decoder_weights import taehv_state_dict
-from selfforcing_core.checkpoint import read_tensors
 from selfforcing_core.latents import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, check_video, comfy_to_generator,
-                                      detect_codec, generator_to_comfy, load_codec,
-                                      normalised_to_raw, raw_to_normalised)
+                                      generator_to_comfy, normalised_to_raw, raw_to_normalised)
 
 
 def test_constants_equal_the_official_float32_values(fixtures_dir):
@@ -58,17 +55,3 @@ def test_check_video_names_expected_and_given():
         check_video(torch.zeros(1, 16, 2, 4, 4), 16, "latents")
     with pytest.raises(ValueError, match=r"5-D \[B, T, 16, H, W\], got shape \(16, 4, 4\)"):
         check_video(torch.zeros(16, 4, 4), 16, "latents")
-
-
-def test_loader_detects_codecs_and_refuses_other_models(tmp_path):
-    assert detect_codec(taehv_state_dict()) == "taehv"
-    other = {"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(4, 4)}
-    with pytest.raises(ValueError, match="not a Wan 2.1 decoder.*model.diffusion_model.blocks.0"):
-        load_codec(other)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        read_tensors(tmp_path / "missing.pth")
-    torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="does not hold a state dict"):
-        read_tensors(tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="dtype"):
-        load_codec(taehv_state_dict(), dtype=torch.int8)

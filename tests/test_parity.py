@@ -71,7 +71,8 @@ def test_parity_reproduces_decoder_fixture_roots_with_other_widths_and_shapes(tm
     """TAEHV and Wan VAE fixture roots at other widths, frame counts and sizes, with expected
     tensors from a float64 run: the parity command must rebuild everything from the files."""
     from decoder_weights import taehv_state_dict, wan_vae_state_dict
-    from selfforcing_core.latents import load_codec, normalised_to_raw, raw_to_normalised
+    from selfforcing_core.codec_loading import load_codec
+    from selfforcing_core.latents import normalised_to_raw, raw_to_normalised
 
     g = torch.Generator().manual_seed(3)
     taehv_root, wan_root = tmp_path / "taehv", tmp_path / "wanvae"

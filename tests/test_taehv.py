@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from decoder_weights import taehv_shapes, taehv_state_dict
-from selfforcing_core.latents import load_codec, normalised_to_raw
+from selfforcing_core.codec_loading import load_codec
+from selfforcing_core.latents import normalised_to_raw
 from selfforcing_core.parity import taehv_fixture
 from selfforcing_core.taehv import TAEHV
 
@@ -55,9 +56,29 @@ def test_streaming_encode_equals_whole_clip(model64):
     padded = torch.cat([video, video[:, -1:], video[:, -1:]], 1)
     torch.testing.assert_close(model64.encode_video(padded), whole, atol=1e-12, rtol=0)
     stream = model64.stream()
-    parts = [stream.encode(video[:, i:i + 3]) for i in range(0, 10, 3)] + [stream.flush_encoder()]
+    parts = [stream.encode(video[:, i:i + 3]) for i in range(0, 10, 3)] + [stream.flush()]
     assert parts[0] is None  # 3 frames do not complete a latent
     torch.testing.assert_close(torch.cat([p for p in parts if p is not None], 1), whole, atol=1e-12, rtol=0)
+
+
+def test_flush_ends_the_clip_the_same_way_for_decoding_and_encoding(model64):
+    """flush() returns what is pending (decode: nothing; encode: the padded tail) and resets the
+    stream, so the next clip starts fresh in either direction; one stream never mixes directions."""
+    latents, video = torch.randn(1, 2, 16, 4, 4, dtype=torch.float64), torch.rand(1, 5, 3, 32, 32, dtype=torch.float64)
+    stream = model64.stream()
+    stream.decode(latents)
+    with pytest.raises(ValueError, match="decodes a clip"):
+        stream.encode(video)
+    assert stream.flush() is None
+    first = stream.encode(video[:, :3])
+    tail = stream.flush()
+    torch.testing.assert_close(torch.cat([p for p in (first, tail) if p is not None], 1), model64.encode_video(video[:, :3]),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(stream.decode(latents), model64.decode_video(latents), atol=1e-12, rtol=0)
+
+
+def test_decoder_start_up_frames_follow_the_time_upscaling(model64):
+    assert model64.startup_frames == 3  # two stride-2 TGrows: 4 frames per latent, latent 0 -> 1 frame
 
 
 def test_tgrow_with_extra_output_channels_keeps_trailing_ones():

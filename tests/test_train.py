@@ -14,7 +14,7 @@ from selfforcing_core.checkpoint import load_generator
 from selfforcing_core import train
 from selfforcing_core.clips import load_clips, read_frames
 from selfforcing_core.images import resize_to
-from selfforcing_core.latents import load_codec
+from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from selfforcing_core.lora import active_adapter, adapter_parameters
 from selfforcing_core.model import CausalWanModel, WanConfig

@@ -6,7 +6,8 @@ import torch
 
 from comfy_paths import import_comfy
 from decoder_weights import wan_vae_shapes, wan_vae_state_dict
-from selfforcing_core.latents import load_codec, normalised_to_raw, raw_to_normalised
+from selfforcing_core.codec_loading import load_codec
+from selfforcing_core.latents import normalised_to_raw, raw_to_normalised
 from selfforcing_core.parity import wanvae_fixture
 from selfforcing_core.wan_vae import WanVAE
 
@@ -55,7 +56,7 @@ def test_decode_cache_holds_at_most_two_frames_per_layer(model64):
     stream = model64.stream()
     for _ in range(3):
         stream.decode(torch.randn(1, 3, 16, 2, 2, dtype=torch.float64))
-    cached = [v for v in stream.decoder_state.values() if isinstance(v, torch.Tensor)]
+    cached = [v for v in stream.state.values() if isinstance(v, torch.Tensor)]
     assert cached and max(v.shape[2] for v in cached) <= 2
 
 
@@ -66,7 +67,7 @@ def test_chunked_encode_equals_whole_clip_and_drops_incomplete_tail(model64):
     latents = model64.encode_video(video)  # 11 = 1 + 4*2 + 2: the last 2 frames are dropped
     assert latents.shape == (1, 3, 16, 2, 2)
     stream = model64.stream()
-    parts = [stream.encode(video[:, i:i + 2]) for i in range(0, 11, 2)] + [stream.flush_encoder()]
+    parts = [stream.encode(video[:, i:i + 2]) for i in range(0, 11, 2)] + [stream.flush()]
     streamed = torch.cat([p for p in parts if p is not None], 1)
     torch.testing.assert_close(streamed, latents, atol=1e-12, rtol=0)
     torch.testing.assert_close(latents, raw_to_normalised(whole_mu.transpose(1, 2)), atol=1e-12, rtol=0)

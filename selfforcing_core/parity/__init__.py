@@ -36,6 +36,16 @@ def compare(case: str, name: str, actual: torch.Tensor, expected: torch.Tensor,
     return Comparison(case, name, float(error.max()) if error.numel() else 0.0, passed)
 
 
+def names_architecture(root: Path, marker: str) -> bool:
+    """A codec fixture root: ``config.json`` whose ``architecture`` contains ``marker``, next to
+    ``weights.safetensors``."""
+    import json
+
+    config = root / "config.json"
+    return (config.is_file() and (root / "weights.safetensors").is_file()
+            and marker in json.loads(config.read_text()).get("architecture", ""))
+
+
 FORMAT_MODULES = ("rolling_fixture", "generator_fixture", "taehv_fixture", "wanvae_fixture")
 
 

@@ -1,19 +1,15 @@
 """TAEHV fixture format (fixtures/taehv/README.md): weights, NTCHW latents / video, three outputs."""
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare
+from . import Comparison, compare, names_architecture
 from ..taehv import TAEHV
 
 
 def detect(root: Path) -> bool:
-    """A TAEHV fixture root has config.json naming the TAEHV architecture next to its tensors."""
-    config = root / "config.json"
-    return (config.is_file() and (root / "weights.safetensors").is_file()
-            and "TAEHV" in json.loads(config.read_text()).get("architecture", ""))
+    return names_architecture(root, "TAEHV")
 
 
 @torch.no_grad()

@@ -1,20 +1,16 @@
 """Wan 2.1 VAE fixture format (fixtures/wanvae/README.md): weights, NCTHW video / latents, five outputs."""
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare
+from . import Comparison, compare, names_architecture
 from ..latents import normalised_to_raw, raw_to_normalised
 from ..wan_vae import WanVAE
 
 
 def detect(root: Path) -> bool:
-    """A Wan VAE fixture root has config.json naming WanVAE_ next to its tensors."""
-    config = root / "config.json"
-    return (config.is_file() and (root / "weights.safetensors").is_file()
-            and "WanVAE_" in json.loads(config.read_text()).get("architecture", ""))
+    return names_architecture(root, "WanVAE_")
 
 
 @torch.no_grad()
