@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import SelfForcingError
 from .fp8 import holds_float8, load_fp8_weights, split_fp8_scales
 from .model import CausalWanModel, WanConfig
 
@@ -49,7 +50,7 @@ DIFFUSERS_RENAMES = [
 SUPPORTED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SelfForcingError):
     """A weights file that cannot be read, or not loaded as the model asked for."""
 
 
@@ -57,12 +58,21 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The weights file does not exist."""
 
 
-def read_tensors(path: str | Path) -> dict:
-    """Read a ``.safetensors`` or ``.pt``/``.pth`` file (any model's weights) into a flat dict of
-    tensors (CPU).
+def check_finite(tensors: dict, source: str) -> dict:
+    """Return ``tensors``; CheckpointError naming the first floating-point tensor with NaN or Inf."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values (a damaged download or a "
+                                  "diverged training run); replace the file")
+    return tensors
 
-    Pickled files are read with ``weights_only=True``; an official training dict yields its
-    ``generator_ema`` entry (else ``generator``, else ``model``).
+
+def read_tensors(path: str | Path, entries: tuple[str, ...] = OFFICIAL_ENTRIES) -> dict:
+    """Read a ``.safetensors`` or ``.pt``/``.pth`` file (any model's weights) into a flat dict of
+    tensors (CPU), refusing NaN or Inf values.
+
+    Pickled files are read with ``weights_only=True``; a training dict yields its first entry
+    found in ``entries`` (official checkpoints: ``generator_ema``, else ``generator``, else ``model``).
     """
     path = Path(path)
     if not path.is_file():
@@ -70,9 +80,10 @@ def read_tensors(path: str | Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path), device="cpu")
+            tensors = load_file(str(path), device="cpu")
         except Exception as error:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path.name} is not a readable .safetensors file: {error}") from None
+        return check_finite(tensors, path.name)
     if path.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
         raise CheckpointError(f"unsupported checkpoint extension {path.suffix!r} ({path.name}); "
                               "use .safetensors, .pt or .pth")
@@ -83,13 +94,14 @@ def read_tensors(path: str | Path) -> dict:
         raise CheckpointError(f"{path.name} could not be read with torch.load(weights_only=True) "
                               f"(only plain tensor dicts are accepted, never arbitrary pickles): {error}") from None
     if isinstance(data, dict):
-        for entry in OFFICIAL_ENTRIES:
+        for entry in entries:
             if isinstance(data.get(entry), dict):
-                return data[entry]
+                data = data[entry]
+                break
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path.name} does not hold a state dict (expected tensors, or a dict with one of "
-                              f"{', '.join(OFFICIAL_ENTRIES)})")
-    return data
+                              f"{', '.join(entries)})")
+    return check_finite(data, path.name)
 
 
 def detect_layout(state_dict: dict) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import save_safetensors
+from .errors import SelfForcingError
 from .images import resize_to
 from .prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from .trainer import ClipBatchSource
@@ -36,7 +37,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 log = logging.getLogger(__name__)
 
 
-class ClipError(ValueError):
+class ClipError(SelfForcingError):
     """A clip that cannot be used (unreadable, too short); the message names the file."""
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import SelfForcingError
+
 FP8_FORMATS = ("e4m3fn", "e5m2")
 GRANULARITIES = ("tensor", "channel")
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI scaled-fp8 / per-layer quantised names
@@ -29,7 +31,7 @@ DROPPED_SUFFIXES = (".scale_input", ".input_scale")  # activation scales: we sca
 COMFY_MARKER = "scaled_fp8"  # empty tensor whose dtype names the file's float8 format
 
 
-class FP8Error(ValueError):
+class FP8Error(SelfForcingError):
     """An FP8 request or FP8 file that cannot be honoured."""
 
 

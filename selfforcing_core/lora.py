@@ -174,17 +174,10 @@ def save_lora(model: nn.Module, adapter: str, path, params: dict | None = None, 
 
 def read_lora_tensors(path) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file: ``.safetensors``, or a ``.pt``/``.pth`` read with ``weights_only``
-    (LongLive's dict yields its ``generator_lora`` entry)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
-    for entry in PT_ENTRIES:
-        if isinstance(data, dict) and isinstance(data.get(entry), dict):
-            return data[entry]
-    return data
+    (LongLive's dict yields its ``generator_lora`` entry), through ``checkpoint.read_tensors`` (its
+    clear errors, NaN / Inf refused)."""
+    from .checkpoint import read_tensors
+    return read_tensors(path, entries=PT_ENTRIES)
 
 
 def read_lora(source, alpha: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -192,7 +185,9 @@ def read_lora(source, alpha: float | None = None) -> dict[str, tuple[torch.Tenso
 
     alpha: used where the file stores none (default: the rank, scale 1).
     """
+    from .checkpoint import CheckpointError
     tensors = source if isinstance(source, dict) else read_lora_tensors(source)
+    where = "LoRA" if isinstance(source, dict) else f"LoRA {os.path.basename(source)}"
     pattern = re.compile(r"^(.*)\.(lora_down|lora_A)\.weight$")
     adapters = {}
     for key, down in tensors.items():
@@ -202,15 +197,15 @@ def read_lora(source, alpha: float | None = None) -> dict[str, tuple[torch.Tenso
         stem, kind = match.groups()
         up = tensors.get(f"{stem}.{'lora_up' if kind == 'lora_down' else 'lora_B'}.weight")
         if up is None:
-            raise ValueError(f"LoRA tensor {key} has no matching up/B tensor")
+            raise CheckpointError(f"{where}: tensor {key} has no matching up/B tensor")
         stored = tensors.get(f"{stem}.alpha")
         prefix = next(p for p in READ_PREFIXES if stem.startswith(p))
         adapters[stem[len(prefix):]] = (down, up, float(stored) if stored is not None
                                         else float(down.shape[0] if alpha is None else alpha))
     if not adapters:
         sample = ", ".join(sorted(tensors)[:4]) or "(empty)"
-        raise ValueError(f"no LoRA tensors found (expected '<module>.lora_down.weight' / 'lora_A.weight'); "
-                         f"keys such as {sample}")
+        raise CheckpointError(f"{where}: no LoRA tensors found (expected '<module>.lora_down.weight' / "
+                              f"'lora_A.weight'); keys such as {sample}")
     return adapters
 
 
@@ -237,16 +232,20 @@ def merge_lora(model: nn.Module, source, strength: float = 1.0) -> int:
 
     ``merge_lora(model, same_source, -strength)`` undoes it (up to rounding in the weight dtype).
     """
+    from .checkpoint import CheckpointError
     adapters = read_lora(source)
+    where = "the LoRA" if isinstance(source, dict) else f"LoRA {os.path.basename(source)}"
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim == 2}
     for name, (down, up, alpha) in adapters.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"LoRA targets {name}, which this model does not have "
-                             "(a LoRA for another architecture?)") from None
+        layer = linears.get(name)
+        if layer is None:
+            raise CheckpointError(f"{where} targets {name}, which is not a linear layer of this model (a LoRA "
+                                  "for another architecture?); use a LoRA made for Wan2.1 1.3B")
         weight = layer.weight
         if weight.shape != (up.shape[0], down.shape[1]):
-            raise ValueError(f"LoRA {name} is {up.shape[0]}x{down.shape[1]}, the layer is {tuple(weight.shape)}")
+            raise CheckpointError(f"{where}: {name} is {up.shape[0]}x{down.shape[1]}, the layer is "
+                                  f"{tuple(weight.shape)}; use a LoRA made for this model size")
         delta = (up.float() @ down.float()) * (strength * alpha / down.shape[0])
         with torch.no_grad():
             if hasattr(layer, "set_weight"):  # FP8Linear: merge in float, then re-quantise with a new scale

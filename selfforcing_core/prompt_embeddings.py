@@ -49,36 +49,40 @@ def save_prompt_embeddings(path, entries):
 
 def load_prompt_embeddings(path):
     """Read a file written by `save_prompt_embeddings`: a list of `(context [B, L, C], extras)`."""
+    from .checkpoint import CheckpointError, CheckpointNotFoundError, check_finite
+    name = os.path.basename(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt-embedding file not found: {path}")
+        raise CheckpointNotFoundError(f"prompt-embedding file not found: {name}")
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable .safetensors file ({error})") from None
+        raise CheckpointError(f"{name} is not a readable .safetensors file ({error}); save it again with Save "
+                              "Prompt Embeddings") from None
+    check_finite(tensors, name)
     if metadata.get("format") != FILE_FORMAT:
         raise ValueError(
-            f"{path} is not a prompt-embedding file (metadata format={metadata.get('format')!r}, "
+            f"{name} is not a prompt-embedding file (metadata format={metadata.get('format')!r}, "
             f"expected {FILE_FORMAT!r}); create it with the Save Prompt Embeddings node")
     try:
         plain_extras = json.loads(metadata.get("extras", ""))
     except json.JSONDecodeError:
         plain_extras = None
     if not isinstance(plain_extras, list) or not all(isinstance(plain, dict) for plain in plain_extras):
-        raise ValueError(f"{path} has a damaged 'extras' metadata entry: {metadata.get('extras')!r}")
+        raise ValueError(f"{name} has a damaged 'extras' metadata entry: {metadata.get('extras')!r}")
     entries = []
     for index, plain in enumerate(plain_extras):
         context = tensors.pop(f"context.{index}", None)
         if context is None:
-            raise ValueError(f"{path} lists {len(plain_extras)} entries but has no 'context.{index}'")
-        _check_context(context, f"{path} entry {index}")
+            raise ValueError(f"{name} lists {len(plain_extras)} entries but has no 'context.{index}'")
+        _check_context(context, f"{name} entry {index}")
         prefix = f"extras.{index}."
         extras = dict(plain)
         extras.update({key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)})
         entries.append((context, extras))
     if tensors:
-        raise ValueError(f"{path} holds tensors no entry refers to: {sorted(tensors)}")
+        raise ValueError(f"{name} holds tensors no entry refers to: {sorted(tensors)}")
     return entries
 
 

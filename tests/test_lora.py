@@ -106,5 +106,7 @@ def test_read_lora_accepts_peft_names_and_rejects_other_files():
     with pytest.raises(ValueError, match="no LoRA tensors"):
         read_lora({"blocks.0.ffn.0.weight": torch.zeros(2, 2)})
     model = CausalWanModel(TINY)
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(ValueError, match="blocks.7.ffn.0, which is not a linear layer of this model"):
         merge_lora(model, {"blocks.7.ffn.0.lora_down.weight": down, "blocks.7.ffn.0.lora_up.weight": up})
+    with pytest.raises(ValueError, match="blocks.0, which is not a linear layer of this model"):  # a whole block
+        merge_lora(model, {"blocks.0.lora_down.weight": down, "blocks.0.lora_up.weight": up})
