@@ -7,14 +7,19 @@ offload included). Activations are the peak of the transient tensors of one bloc
 inference (no gradients), assuming a memory-efficient attention kernel (flash / SDPA efficient):
 the larger of the RoPE phase (q and k rotated in float64) and the FFN phase (two
 [tokens, ffn_dim] tensors). Decoders and the text encoder are not included.
+
+The guards (``check_generation_fits``, ``check_encoding_fits``) compare these needs with the free
+memory before anything is allocated, so an impossible request is refused with both figures
+instead of growing the process until the OS kills it.
 """
 from dataclasses import dataclass
 
 import torch
 
+from .errors import SelfForcingError
 from .fp8 import FP8Linear, fp8_layers
 from .model import CausalWanModel, WanConfig
-from .units import latent_size
+from .units import latent_size, video_frames_for
 
 
 @dataclass
@@ -107,3 +112,82 @@ def estimate_for_model(model: CausalWanModel, height: int, width: int, kv_window
                            fp8_granularity=quantised[0].granularity if quantised else "tensor",
                            frames_per_block=frames_per_block, batch_size=batch_size,
                            offload_blocks=sum(block.offload is not None for block in model.blocks))
+
+
+class MemoryGuardError(SelfForcingError):
+    """A request that cannot fit the free memory, refused before anything is allocated."""
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes a new allocation can still take: free CUDA memory (plus what torch's caching allocator
+    holds unused) on a GPU; available RAM on the CPU (psutil, else /proc/meminfo; None if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(need: int, device: str | torch.device, what: str, fix: str) -> None:
+    """Raise MemoryGuardError with the estimate and the free memory unless ``need`` bytes fit ``device``."""
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise MemoryGuardError(f"{what} needs about {need / gib:.1f} GiB on {torch.device(device)} but only "
+                               f"{free / gib:.1f} GiB is free; {fix}")
+
+
+def frame_bytes(video_frames: int, height: int, width: int, batch_size: int = 1) -> int:
+    """Float32 RGB frames as the samplers hand them to ComfyUI (kept in host memory)."""
+    return batch_size * video_frames * 3 * height * width * 4
+
+
+def check_generation_fits(model: CausalWanModel, height: int, width: int, kv_window_frames: int | None,
+                          num_frames: int, decoded: bool, batch_size: int = 1, frames_per_block: int = 3) -> None:
+    """Refuse a generation of ``num_frames`` latent frames that cannot fit, before it allocates.
+
+    Needs beyond the loaded weights: KV and text caches and activations on the model's device
+    (``estimate_for_model``); the decoded float32 frames, twice (the blocks and the joined
+    clip), in host memory. On the CPU both come out of the same RAM.
+    """
+    estimate = estimate_for_model(model, height, width, kv_window_frames, num_frames, batch_size, frames_per_block)
+    device_need = estimate.total - estimate.weights
+    host_need = 2 * frame_bytes(video_frames_for(num_frames), height, width, batch_size) if decoded else 0
+    fix = ("lower width, height or length, or set kv_window_frames (e.g. 21) so the cache stops growing"
+           if kv_window_frames is None else "lower width, height or length, or the KV window")
+    device = model.device
+    if device.type == "cpu":
+        check_fits(device_need + host_need, device, "this video", fix)
+    else:
+        check_fits(device_need, device, "this video", fix)
+        check_fits(host_need, "cpu", "the decoded frames of this video", fix)
+
+
+def check_encoding_fits(video_frames: int, height: int, width: int, device: str | torch.device,
+                        dtype: torch.dtype = torch.float32) -> None:
+    """Refuse encoding a clip of ``video_frames`` frames at height x width that cannot fit: at least
+    the float32 frames plus two full-resolution 64-channel feature maps (the first layers of both
+    encoders) on ``device``."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    need = frame_bytes(video_frames, height, width) + 2 * video_frames * height * width * 64 * itemsize
+    check_fits(need, device, f"encoding {video_frames} frames at {width}x{height}",
+               "lower the training width, height or length")
+
+
+def check_training_fits(model: CausalWanModel, height: int, width: int, num_frames: int, batch_size: int) -> None:
+    """Refuse training on windows of ``num_frames`` latent frames that cannot fit: at least what the
+    rollout of one batch needs at inference (caches and activations; training adds gradients)."""
+    estimate = estimate_for_model(model, height, width, None, num_frames, batch_size)
+    check_fits(estimate.total - estimate.weights, model.device,
+               f"training on {batch_size} x {num_frames} latent frames at {width}x{height}",
+               "lower the batch size, or the training width, height or length of the clips")
