@@ -4,7 +4,7 @@ from comfy_api.latest import io
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
 from ..selfforcing_core.units import blocks_for
 from .common import CATEGORY, StreamingDecoder, block_reporter
-from .sampler import sampler_inputs, sampler_output, sampler_outputs, sampling_arguments, validate_sizes
+from .sampler import sampler_inputs, sampler_output, sampler_outputs, sampling_arguments, check_memory, check_sampler_inputs
 
 KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
 
@@ -74,13 +74,16 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **inputs):
-        return validate_sizes(**inputs)
+    def validate_inputs(cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
+                        sink_frames=None, method=None, image_fit=None):
+        return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames,
+                                    method=method, image_fit=image_fit)
 
     @classmethod
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
                 method="guidance", ramp_frames=5, image_fit="crop", **inputs):
         arguments = sampling_arguments(**inputs)
+        check_memory(arguments)
         images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
         if end_image is not None:
             images.append((inputs["length"] - 1, first_image(end_image), end_strength))

@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from ..selfforcing_core.fp8 import FP8_FORMATS, GRANULARITIES
 from ..selfforcing_core.codec_loading import load_codec
 from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
-from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, StreamingDecoder, compute_device,
-                     file_options, resolve_file)
+from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, StreamingDecoder, check_inputs,
+                     compute_device, file_options, resolve_file)
 
 DECODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,10 +51,9 @@ class LoadSelfForcingModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name, **kwargs):
-        if folder_paths.get_full_path("diffusion_models", model_name) is None:
-            return f"model file '{model_name}' not found in models/diffusion_models"
-        return True
+    def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None):
+        return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8),
+                            model_name=lambda: model_name is None or resolve_file(f"diffusion_models/{model_name}"))
 
     @classmethod
     def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None):
@@ -93,6 +92,10 @@ class SelfForcingRuntimeOptions(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, fp8_granularity=None):
+        return check_inputs(cls, dict(fp8_granularity=fp8_granularity))
+
+    @classmethod
     def execute(cls, torch_compile, offload_blocks, fp8_granularity):
         return io.NodeOutput(RuntimeOptions(compile=torch_compile, offload_blocks=offload_blocks,
                                             fp8_granularity=fp8_granularity))
@@ -118,10 +121,8 @@ class SelfForcingLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name, **kwargs):
-        if folder_paths.get_full_path("loras", lora_name) is None:
-            return f"LoRA file '{lora_name}' not found in models/loras"
-        return True
+    def validate_inputs(cls, lora_name=None):
+        return check_inputs(cls, {}, lora_name=lambda: lora_name is None or resolve_file(f"loras/{lora_name}"))
 
     @classmethod
     def execute(cls, lora_name, strength, loras=None):
@@ -149,12 +150,9 @@ class LoadStreamingDecoder(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, decoder_name, **kwargs):
-        try:
-            resolve_file(decoder_name)
-        except FileNotFoundError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, decoder_name=None, dtype=None):
+        return check_inputs(cls, dict(dtype=dtype),
+                            decoder_name=lambda: decoder_name is None or resolve_file(decoder_name))
 
     @classmethod
     def execute(cls, decoder_name, dtype):

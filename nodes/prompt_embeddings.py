@@ -9,12 +9,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
+from .common import register_folder, save_path
 
 FOLDER = "prompt_embeddings"
-_configured_paths = folder_paths.folder_names_and_paths.get(FOLDER, ([], None))[0]
-_default_path = os.path.join(folder_paths.models_dir, FOLDER)
-folder_paths.folder_names_and_paths[FOLDER] = (
-    [_default_path] + [path for path in _configured_paths if path != _default_path], {".safetensors"})
+register_folder(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), {".safetensors"})
 
 
 class SavePromptEmbeddings(io.ComfyNode):
@@ -37,13 +35,22 @@ class SavePromptEmbeddings(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        if filename_prefix is not None:
+            try:
+                save_path(filename_prefix, folder_paths.get_folder_paths(FOLDER)[0], "filename_prefix")
+            except ValueError as error:
+                return str(error)
+        return True
+
+    @classmethod
     def execute(cls, conditioning, filename_prefix):
         output_dir = folder_paths.get_folder_paths(FOLDER)[0]
         os.makedirs(output_dir, exist_ok=True)
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        folder, name, counter = save_path(filename_prefix, output_dir, "filename_prefix")
         file_name = f"{name}_{counter:05}_.safetensors"
         save_prompt_embeddings(os.path.join(folder, file_name), conditioning)
-        saved = {"filename": os.path.join(subfolder, file_name), "folder": FOLDER}
+        saved = {"filename": os.path.relpath(os.path.join(folder, file_name), output_dir), "folder": FOLDER}
         return io.NodeOutput(ui={"prompt_embeddings": [saved]})
 
 
@@ -63,10 +70,10 @@ class LoadPromptEmbeddings(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, embeddings):
+    def validate_inputs(cls, embeddings=None):
         # ComfyUI 0.3.75 does not check V3 combo values against their options; do it here.
-        if folder_paths.get_full_path(FOLDER, embeddings) is None:
-            return f"no file '{embeddings}' in models/{FOLDER}; save one with Save Prompt Embeddings first"
+        if embeddings is not None and folder_paths.get_full_path(FOLDER, embeddings) is None:
+            return f"embeddings: no file '{embeddings}' in models/{FOLDER}; save one with Save Prompt Embeddings first"
         return True
 
     @classmethod

@@ -4,11 +4,15 @@ import logging
 from comfy_api.latest import io
 
 from ..selfforcing_core.generate import generate_video
+from ..selfforcing_core.kv_cache import check_window
 from ..selfforcing_core.latents import comfy_to_generator
+from ..selfforcing_core.memory import check_generation_fits
+from ..selfforcing_core.model import max_stream_latent_frames
 from ..selfforcing_core.rollout import PromptSwitch, StreamSettings
 from ..selfforcing_core.schedule import DEFAULT_STEPS, FlowMatchSchedule
-from ..selfforcing_core.units import block_of_video_frame, blocks_for, latent_frames_for, latent_size, pixel_size
-from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter,
+from ..selfforcing_core.units import (block_of_video_frame, blocks_for, latent_frames_for, latent_size, pixel_size,
+                                      video_frames_for)
+from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter, check_inputs,
                      prompt_tensor, to_image, to_latent)
 
 # step-preset label -> (scheduler shift, configured steps); the timesteps fed are the warped list.
@@ -17,6 +21,7 @@ STEP_PRESETS = {
     "4 steps, shift 8 (official demo)": (8.0, DEFAULT_STEPS),
 }
 DEFAULT_PRESET = "4 steps, shift 5 (paper)"
+MAX_LENGTH = video_frames_for(max_stream_latent_frames())  # the last frame the RoPE table can place
 
 
 def sampler_inputs():
@@ -30,9 +35,10 @@ def sampler_inputs():
                      tooltip="Video width in pixels, a multiple of 16 (the model was trained at 832x480)."),
         io.Int.Input("height", default=480, min=16, max=4096, step=16,
                      tooltip="Video height in pixels, a multiple of 16."),
-        io.Int.Input("length", default=81, min=1, max=4093, step=4,
+        io.Int.Input("length", default=81, min=1, max=MAX_LENGTH, step=4,
                      tooltip="Video frames, 4n + 1 (81 = 5 s at 16 fps). Generated in blocks of 12 frames; "
-                             "longer than 81 needs a KV window."),
+                             f"longer than 81 needs a KV window. At most {MAX_LENGTH}: the model places "
+                             "frames by absolute position."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="All noise comes from this seed (same result on any device)."),
         io.Combo.Input("steps", options=list(STEP_PRESETS), default=DEFAULT_PRESET,
@@ -73,14 +79,30 @@ def sampling_arguments(model, positive, width, height, length, seed, steps, kv_w
                 latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder)
 
 
-def validate_sizes(width, height, length, **_) -> bool | str:
-    """Node-side check of the pixel sizes, so a bad value is refused before anything runs."""
-    try:
+def check_memory(arguments: dict) -> None:
+    """Refuse, before allocating, a generation (``sampling_arguments``) that cannot fit."""
+    height, width = pixel_size(arguments["latent_hw"])
+    check_generation_fits(arguments["model"], height, width, arguments["settings"].kv_window_frames,
+                          arguments["latent_frames"], decoded=arguments["decoder"] is not None,
+                          batch_size=arguments["prompt"].shape[0])
+
+
+def check_sizes(width=None, height=None, length=None):
+    """Raise a ValueError for pixel sizes the generator cannot make (None: linked from another
+    node, checked when the node runs)."""
+    if width is not None and height is not None:
         latent_size(width, height)
+    if length is not None:
         latent_frames_for(length)
-    except ValueError as error:
-        return str(error)
-    return True
+
+
+def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
+                         sink_frames=None, **combos) -> bool | str:
+    """validate_inputs of both samplers: sizes, the window against its sink, and the combos."""
+    return check_inputs(node_cls, dict(width=width, height=height, length=length, steps=steps,
+                                       kv_window_frames=kv_window_frames, sink_frames=sink_frames, **combos),
+                        width=lambda: check_sizes(width, height, length),
+                        kv_window_frames=lambda: check_window(kv_window_frames, sink_frames or 0))
 
 
 def sampler_output(video):
@@ -106,12 +128,14 @@ class SelfForcingStreamingSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **inputs):
-        return validate_sizes(**inputs)
+    def validate_inputs(cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
+                        sink_frames=None):
+        return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames)
 
     @classmethod
     def execute(cls, **inputs):
         arguments = sampling_arguments(**inputs)
+        check_memory(arguments)
         video = generate_video(**arguments, callback=block_reporter(blocks_for(arguments["latent_frames"])))
         return sampler_output(video)
 

@@ -71,6 +71,15 @@ class WritePlan:
                 (self.first_slot + self.num_frames) * frame_seqlen)
 
 
+def check_window(kv_window_frames: int | None, sink_frames: int, frames_per_block: int = 3) -> None:
+    """Raise a ValueError naming the fix unless a rolling window of ``kv_window_frames`` latent
+    frames (0 or None: no window) with ``sink_frames`` pinned has room for a block."""
+    if kv_window_frames and kv_window_frames - sink_frames < frames_per_block:
+        raise ValueError(f"kv_window_frames {kv_window_frames} with sink_frames {sink_frames} leaves no room for "
+                         f"a block of {frames_per_block} frames; use kv_window_frames >= sink_frames + "
+                         f"{frames_per_block} (21 is the usual window)")
+
+
 class KVCache:
     """Self- and cross-attention cache for ``num_layers`` layers of the causal Wan generator."""
 

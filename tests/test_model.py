@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from selfforcing_core.model import apply_rope, block_causal_mask, rope_tables
+from selfforcing_core.model import apply_rope, block_causal_mask, max_stream_latent_frames, rope_tables
 from tiny import tiny_model, tiny_prompt
 
 
@@ -41,6 +41,15 @@ def test_rope_rotates_adjacent_pairs_by_absolute_frame_position():
     torch.testing.assert_close(rotated[0, 0, 0, :2], torch.tensor([torch.cos(torch.tensor(5.0)),
                                                                       torch.sin(torch.tensor(5.0))]))
     assert torch.equal(rotated[..., 2:], x[..., 2:])
+
+
+def test_the_last_block_a_stream_can_reach_fits_the_rope_table_and_the_next_does_not():
+    tables, block = rope_tables(head_dim=32), torch.zeros(1, 3, 1, 32)
+    last = max_stream_latent_frames(frames_per_block=3)
+    assert last % 3 == 0
+    apply_rope(block, tables, grid=(3, 1, 1), start_frame=last - 3)
+    with pytest.raises(ValueError, match="beyond the RoPE table"):
+        apply_rope(block, tables, grid=(3, 1, 1), start_frame=last)
 
 
 def test_per_frame_timesteps_modulate_each_frame():

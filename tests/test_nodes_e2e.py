@@ -1,4 +1,5 @@
 """The sampler, loader and decoder nodes end to end in a real ComfyUI server (POST /prompt)."""
+import re
 import uuid
 
 import av
@@ -7,7 +8,7 @@ import torch
 
 from comfy_host import PromptExecutionError, PromptValidationError, run_watching
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel, WanConfig, max_stream_latent_frames
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 
 pytestmark = pytest.mark.host
@@ -131,6 +132,23 @@ def test_size_not_a_multiple_of_16_is_refused_before_running(server):
         server.queue_prompt(sampler_graph(length=24))
 
 
+def test_window_without_room_for_a_block_is_refused_before_running(server):
+    with pytest.raises(PromptValidationError, match="kv_window_frames 5 with sink_frames 3 leaves no room"):
+        server.queue_prompt(sampler_graph(window=5, sink=3))
+
+
+def test_lengths_beyond_what_the_rope_table_can_place_are_refused_at_validation(server):
+    """The length widget's maximum is the last whole block the RoPE table can place (that block's
+    positions fit: test_model); one block more is refused at once, not after minutes of compute."""
+    longest = server.object_info("SelfForcingStreamingSampler")["input"]["required"]["length"][1]["max"]
+    assert longest == 1 + 4 * (max_stream_latent_frames() - 1)
+    for node in ("SelfForcingStreamingSampler", "SelfForcingKeyframeSampler"):
+        graph = sampler_graph(length=longest + 4)
+        graph["4"]["class_type"] = node
+        with pytest.raises(PromptValidationError, match=f"length {longest + 4} is above its maximum {longest}"):
+            server.queue_prompt(graph)
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(server):
     with pytest.raises(PromptExecutionError, match="unrecognised checkpoint layout \\(a Wan VAE\\)"):
         server.run(sampler_graph(model="not_a_generator.safetensors"), timeout=300)
@@ -153,3 +171,58 @@ def test_fp8_weights_with_offload_and_compile_options_run(server):
     assert len(frames) == 13 and frames[0].shape == (48, 64, 3)
     log = server.log()
     assert "FP8: 20 linear layers in e4m3fn" in log and "offload: 1/2 blocks" in log
+
+
+def test_damaged_weight_files_give_the_packs_errors_naming_the_file_and_the_tensor(server):
+    """NaN / Inf in a model, LoRA, decoder or prompt embedding, a zero-byte or non-tensor LoRA, and a
+    LoRA aimed at a whole block: each run fails with the pack's own error (no install path in its
+    type name) naming the file, never a raw library error or a silent black video."""
+    sd = CausalWanModel(E2E_CONFIG).state_dict()
+    sd["blocks.1.ffn.2.weight"][0, 0] = float("nan")
+    server.write_safetensors("diffusion_models", "nan_model.safetensors", sd)
+    decoder = taehv_state_dict()
+    decoder["decoder.1.weight"].view(-1)[0] = float("inf")
+    server.write_safetensors("vae_approx", "taew2_1_inf.safetensors", decoder)
+    context = torch.full((1, 12, E2E_CONFIG.text_dim), float("nan"))
+    save_prompt_embeddings(server.model_dir("prompt_embeddings") / "nan_prompt.safetensors", [(context, {"pooled_output": None})])
+    down, up = torch.randn(4, 256), torch.randn(256, 4)
+    server.write_safetensors("loras", "nan_lora.safetensors", {"blocks.0.ffn.2.lora_down.weight": down.clone().fill_(float("nan")),
+                                                               "blocks.0.ffn.2.lora_up.weight": up})
+    server.write_safetensors("loras", "block_lora.safetensors", {"blocks.0.lora_down.weight": down,
+                                                                 "blocks.0.lora_up.weight": up})
+    (server.model_dir("loras") / "empty.safetensors").write_bytes(b"")
+    (server.model_dir("loras") / "junk.pt").write_bytes(b"not a pickle")
+
+    def with_lora(name):
+        graph = sampler_graph(length=13)
+        graph["12"] = {"class_type": "SelfForcingLora", "inputs": {"lora_name": name, "strength": 1.0}}
+        graph["1"]["inputs"]["loras"] = ["12", 0]
+        return graph
+    embeddings = sampler_graph(length=13)
+    embeddings["2"]["inputs"]["embeddings"] = "nan_prompt.safetensors"
+    cases = [(sampler_graph(model="nan_model.safetensors"), "nan_model.safetensors: tensor blocks.1.ffn.2.weight holds NaN"),
+             (sampler_graph(decoder="vae_approx/taew2_1_inf.safetensors"), "taew2_1_inf.safetensors: tensor decoder.1.weight holds NaN or Inf"),
+             (embeddings, "nan_prompt.safetensors: tensor context.0 holds NaN"),
+             (with_lora("nan_lora.safetensors"), "nan_lora.safetensors: tensor blocks.0.ffn.2.lora_down.weight holds NaN"),
+             (with_lora("block_lora.safetensors"), "LoRA block_lora.safetensors targets blocks.0, which is not a linear layer"),
+             (with_lora("empty.safetensors"), "empty.safetensors is not a readable .safetensors file"),
+             (with_lora("junk.pt"), "junk.pt could not be read with torch.load")]
+    for graph, message in cases:
+        with pytest.raises(PromptExecutionError) as failed:
+            server.run(graph, timeout=300)
+        assert message in failed.value.details["exception_message"]
+        assert failed.value.details["exception_type"].startswith("selfforcing."), failed.value.details["exception_type"]
+
+
+def test_a_video_far_beyond_any_memory_is_refused_with_the_estimate_before_allocating(server):
+    """4096x4096, the longest length, window 21: both samplers refuse at once with the estimate and the
+    free memory (the decoded frames alone are ~820 GB, above any machine); small runs pass (above)."""
+    longest = server.object_info("SelfForcingStreamingSampler")["input"]["required"]["length"][1]["max"]
+    for node in ("SelfForcingStreamingSampler", "SelfForcingKeyframeSampler"):
+        graph = sampler_graph(width=4096, height=4096, length=longest, window=21)
+        graph["4"]["class_type"] = node
+        with pytest.raises(PromptExecutionError) as refused:
+            server.run(graph, timeout=300)
+        assert refused.value.details["exception_type"] == "selfforcing.MemoryGuardError"
+        assert re.search(r"this video needs about \d+\.\d GiB on cpu but only \d+\.\d GiB is free; lower width",
+                         refused.value.details["exception_message"])

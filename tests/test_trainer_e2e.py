@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_host import PromptValidationError, run_watching
+from comfy_host import PromptExecutionError, PromptValidationError, run_watching
 from decoder_weights import taehv_state_dict
 from selfforcing_core.lora import read_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
@@ -38,11 +38,11 @@ def server(comfy_server, tmp_path_factory):
         context = torch.randn(1, 12, CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
         save_prompt_embeddings(comfy_server.model_dir("prompt_embeddings") / f"{name}.safetensors",
                                [(context, {"pooled_output": None})])
-    clips = tmp_path_factory.mktemp("clips")
+    clips = comfy_server.base_dir / "input" / "train_clips"
+    clips.mkdir(parents=True, exist_ok=True)
     for c in range(2):
         write_gif(clips / f"clip{c}.gif")
     (clips / "broken.mp4").write_bytes(b"nothing")
-    comfy_server.training_clips = clips
     return comfy_server
 
 
@@ -55,7 +55,7 @@ def trainer_graph(server, lora_name, steps, save_every=2, resume=True):
         "3": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": "train_prompt.safetensors"}},
         "4": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": "train_negative.safetensors"}},
         "5": {"class_type": "SelfForcingTrainingClips",
-              "inputs": {"folder": str(server.training_clips), "encoder": ["2", 0], "prompt": ["3", 0],
+              "inputs": {"folder": "train_clips", "encoder": ["2", 0], "prompt": ["3", 0],
                          "negative": ["4", 0], "width": 32, "height": 32, "length": 9}},
         "6": {"class_type": "SelfForcingTrainer",
               "inputs": {"model": ["1", 0], "clips": ["5", 0], "lora_name": lora_name, "steps": steps,
@@ -74,17 +74,19 @@ def test_trainer_node_trains_saves_a_loadable_lora_and_a_checkpoint(server):
     outcome, progress, previews, prompt_id = run_watching(server, graph, "6")
     assert outcome == "execution_success"
     assert progress == [(1, 3), (2, 3), (3, 3)] and previews == 1  # the loss curves after the last step
-    adapters = read_lora(server.model_dir("loras") / "e2e_lora.safetensors")
+    saved = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["6"]
+    adapters = read_lora(server.model_dir("loras") / "e2e_lora_00001_.safetensors")
     assert len(adapters) == CONFIG.num_layers * 10
     checkpoint = read_checkpoint(server, "e2e_lora")
     assert checkpoint["step"] == 3 and len(checkpoint["history"]) == 3
     assert "broken.mp4" in server.log()
-    text = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["6"]["text"]
+    text = saved["text"]
+    assert "saved loras/e2e_lora_00001_.safetensors" in text[0]
     assert f"last losses: {format_losses(checkpoint['history'])}" in text[0]
     assert "step 3/3: critic" in server.log()  # every step's losses in the log
     # the trained LoRA loads through the pack's LoRA and model-loader nodes and samples
     server.wait(server.queue_prompt({
-        "1": {"class_type": "SelfForcingLora", "inputs": {"lora_name": "e2e_lora.safetensors", "strength": 1.0}},
+        "1": {"class_type": "SelfForcingLora", "inputs": {"lora_name": "e2e_lora_00001_.safetensors", "strength": 1.0}},
         "2": {"class_type": "SelfForcingModelLoader",
               "inputs": {"model_name": "sf_train_tiny.safetensors", "weight_dtype": "fp32", "device": "default",
                          "loras": ["1", 0]}},
@@ -105,7 +107,7 @@ def test_interrupt_saves_a_checkpoint_that_the_next_run_resumes_to_the_end(serve
     long_run = trainer_graph(server, "e2e_interrupt", steps=5000, save_every=5000)
     outcome, progress, previews, _ = run_watching(server, long_run, "6", on_progress=interrupt_after_six_steps)
     assert outcome == "execution_interrupted" and previews >= 1  # a loss-curve preview at step 5
-    assert not (server.model_dir("loras") / "e2e_interrupt.safetensors").exists()  # no LoRA from a cut run
+    assert not list(server.model_dir("loras").glob("e2e_interrupt*"))  # no LoRA from a cut run
     interrupted = read_checkpoint(server, "e2e_interrupt")
     done = interrupted["step"]
     assert 6 <= done < 5000 and len(interrupted["history"]) == done
@@ -116,7 +118,7 @@ def test_interrupt_saves_a_checkpoint_that_the_next_run_resumes_to_the_end(serve
     finished = read_checkpoint(server, "e2e_interrupt")
     assert finished["step"] == done + 3 and len(finished["history"]) == done + 3
     assert finished["history"][:done] == interrupted["history"]
-    assert (server.model_dir("loras") / "e2e_interrupt.safetensors").is_file()
+    assert (server.model_dir("loras") / "e2e_interrupt_00001_.safetensors").is_file()
 
 
 def test_training_length_that_is_not_whole_blocks_is_refused_before_running(server):
@@ -125,3 +127,92 @@ def test_training_length_that_is_not_whole_blocks_is_refused_before_running(serv
     clips_node["inputs"]["length"] = 13
     with pytest.raises(PromptValidationError, match="not whole blocks of 3; use one of 9, 21"):
         server.queue_prompt(graph)
+
+
+def test_lora_names_that_leave_the_loras_folder_are_refused_and_nothing_is_written(server):
+    """'../diffusion_models/x', an absolute path or an empty name: refused at POST /prompt; the
+    model file the name aims at is untouched and no run folder appears outside ComfyUI."""
+    target = server.model_dir("diffusion_models") / "sf_train_tiny.safetensors"
+    before = target.read_bytes()
+    outside = server.base_dir / "outside_run"
+    for name, message in (("../diffusion_models/sf_train_tiny", "points outside its ComfyUI folder"),
+                          (str(outside / "x"), "points outside its ComfyUI folder"),
+                          ("", "names no file")):
+        with pytest.raises(PromptValidationError, match=message):
+            server.queue_prompt(trainer_graph(server, name, steps=1))
+    assert target.read_bytes() == before and not outside.exists()
+
+
+def test_a_finished_run_never_replaces_an_existing_lora_and_resume_off_never_destroys_a_checkpoint(server):
+    """A LoRA already in models/loras under the run's name stays as it was (the run saves the next
+    counter, as ComfyUI's save nodes do); resume off is refused while the run folder holds a checkpoint."""
+    existing = server.model_dir("loras") / "kept_00001_.safetensors"
+    existing.write_bytes(b"a user's file")
+    outcome, _, _, prompt_id = run_watching(server, trainer_graph(server, "kept", steps=1), "6")
+    assert outcome == "execution_success" and existing.read_bytes() == b"a user's file"
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["6"]["text"][0].startswith(
+        "saved loras/kept_00002_.safetensors")
+    checkpoint = read_checkpoint(server, "kept")
+    with pytest.raises(PromptValidationError, match="already has a run with a checkpoint; turn resume on"):
+        server.queue_prompt(trainer_graph(server, "kept", steps=1, resume=False))
+    assert read_checkpoint(server, "kept")["history"] == checkpoint["history"]
+
+
+def test_clip_folders_outside_the_input_folder_are_refused_without_saying_whether_they_exist(server):
+    """An existing folder outside (absolute or ../), and a missing one, get the same refusal."""
+    graph = trainer_graph(server, "never_trained", steps=1)
+    messages = []
+    for folder in (str(server.base_dir / "models"), "../models", "/no/such/folder", "no_such_clips"):
+        graph["5"]["inputs"]["folder"] = folder
+        with pytest.raises(PromptValidationError) as refused:
+            server.queue_prompt(graph)
+        messages.append(str(refused.value).replace(folder, "<folder>"))
+    assert "is not a clip folder inside ComfyUI's input folder" in messages[0]
+    assert len(set(messages)) == 1
+
+
+def test_the_encoded_clip_cache_is_not_served_over_http(server):
+    """The cache of encoded clips lives in the host's system-user folder, which no endpoint serves."""
+    run_watching(server, trainer_graph(server, "cache_check", steps=1), "6")
+    assert not (server.output_dir / "self_forcing_training" / "clips").exists()
+    cached = list((server.base_dir / "user" / "__self_forcing_clip_cache").rglob("*.safetensors"))
+    assert cached
+
+
+def test_clip_encoding_far_beyond_any_memory_is_refused_with_the_estimate(server):
+    graph = trainer_graph(server, "never_trained", steps=1)
+    graph["5"]["inputs"].update(width=2048, height=2048, length=1017)
+    with pytest.raises(PromptExecutionError, match=r"encoding 1017 frames at 2048x2048 needs about \d+\.\d GiB on "
+                                                   r"cpu but only \d+\.\d GiB is free"):
+        server.run(graph, timeout=300)
+
+
+def test_an_owner_widens_the_readable_clip_folders_with_extra_model_paths(comfy_server, tmp_path):
+    """A selfforcing_clips entry in extra_model_paths.yaml makes its subfolders usable by name; a
+    sibling folder outside it stays refused."""
+    from comfy_host import ComfyServer, find_host_or_skip
+    datasets = tmp_path / "datasets"
+    (datasets / "walks").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    for c in range(2):
+        write_gif(datasets / "walks" / f"walk{c}.gif")
+        write_gif(tmp_path / "private" / f"secret{c}.gif")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"self_forcing:\n    base_path: {tmp_path}\n    selfforcing_clips: datasets/\n")
+    owner = ComfyServer(find_host_or_skip(), extra_args=["--extra-model-paths-config", str(config)]).start()
+    try:
+        owner.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
+        for seed, name in ((1, "train_prompt"), (2, "train_negative")):
+            context = torch.randn(1, 12, CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
+            save_prompt_embeddings(owner.model_dir("prompt_embeddings") / f"{name}.safetensors",
+                                   [(context, {"pooled_output": None})])
+        graph = {key: node for key, node in trainer_graph(owner, "unused", steps=1).items() if key in ("2", "3", "4", "5")}
+        graph["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+        graph["5"]["inputs"]["folder"] = "walks"
+        owner.run(graph, timeout=300)
+        for folder in ("../private", str(tmp_path / "private")):
+            graph["5"]["inputs"]["folder"] = folder
+            with pytest.raises(PromptValidationError, match="1 selfforcing_clips folder"):
+                owner.queue_prompt(graph)
+    finally:
+        owner.stop()
