@@ -221,6 +221,8 @@ def test_a_video_far_beyond_any_memory_is_refused_with_the_estimate_before_alloc
     for node in ("SelfForcingStreamingSampler", "SelfForcingKeyframeSampler"):
         graph = sampler_graph(width=4096, height=4096, length=longest, window=21)
         graph["4"]["class_type"] = node
+        if node == "SelfForcingKeyframeSampler":
+            graph["4"]["inputs"].update(method="guidance", ramp_frames=5, image_fit="crop", end_strength=1.0)
         with pytest.raises(PromptExecutionError) as refused:
             server.run(graph, timeout=300)
         assert refused.value.details["exception_type"] == "selfforcing.MemoryGuardError"

@@ -74,7 +74,7 @@ def test_trainer_node_trains_saves_a_loadable_lora_and_a_checkpoint(server):
     outcome, progress, previews, prompt_id = run_watching(server, graph, "6")
     assert outcome == "execution_success"
     assert progress == [(1, 3), (2, 3), (3, 3)] and previews == 1  # the loss curves after the last step
-    saved = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["6"]
+    saved = server.wait(prompt_id)["outputs"]["6"]
     adapters = read_lora(server.model_dir("loras") / "e2e_lora_00001_.safetensors")
     assert len(adapters) == CONFIG.num_layers * 10
     checkpoint = read_checkpoint(server, "e2e_lora")
@@ -150,7 +150,7 @@ def test_a_finished_run_never_replaces_an_existing_lora_and_resume_off_never_des
     existing.write_bytes(b"a user's file")
     outcome, _, _, prompt_id = run_watching(server, trainer_graph(server, "kept", steps=1), "6")
     assert outcome == "execution_success" and existing.read_bytes() == b"a user's file"
-    assert server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["6"]["text"][0].startswith(
+    assert server.wait(prompt_id)["outputs"]["6"]["text"][0].startswith(
         "saved loras/kept_00002_.safetensors")
     checkpoint = read_checkpoint(server, "kept")
     with pytest.raises(PromptValidationError, match="already has a run with a checkpoint; turn resume on"):
