@@ -4,7 +4,8 @@ from comfy_api.latest import io
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
 from ..selfforcing_core.units import blocks_for
 from .common import CATEGORY, StreamingDecoder, block_reporter
-from .sampler import sampler_inputs, sampler_output, sampler_outputs, sampling_arguments, check_memory, check_sampler_inputs
+from .sampler import (check_memory, check_sampler_inputs, sampler_inputs, sampler_output, sampler_outputs,
+                      sampling_arguments)
 
 KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
 

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..selfforcing_core.clips import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, prepare_clips
 from ..selfforcing_core.memory import check_encoding_fits, check_training_fits
 from ..selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig, draw_loss_curves, format_losses, loss_curve_image
-from ..selfforcing_core.units import latent_size, video_frames_for, whole_block_latent_frames
+from ..selfforcing_core.units import latent_size, pixel_size, video_frames_for, whole_block_latent_frames
 from .common import CATEGORY, SelfForcingModel, StreamingDecoder, check_inputs, prompt_tensor, register_folder, save_path
 
 TrainingClips = io.Custom("SELFFORCING_TRAINING_CLIPS")
@@ -188,8 +188,8 @@ class SelfForcingTrainer(io.ComfyNode):
                           critic_lr=critic_lr, real_lr=critic_lr, real_lora_weight=clip_weight, seed=seed,
                           save_every=save_every)
         check_run(lora_name, resume)
-        _, frames, _, latent_h, latent_w = clips.latents.shape
-        check_training_fits(model, 8 * latent_h, 8 * latent_w, frames, batch_size)
+        _, frames, _, *latent_hw = clips.latents.shape
+        check_training_fits(model, *pixel_size(latent_hw), frames, batch_size)
         run_dir = run_folder(lora_name)
         trainer = Trainer(model, clips, cfg)
         try:
