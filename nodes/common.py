@@ -120,12 +120,13 @@ class ModelFileNotFound(ValueError):
     """A model file named by a node input is not in its ComfyUI folder."""
 
 
-def resolve_file(choice: str) -> str:
-    """Full path of a ``folder/file`` choice (as ``file_options`` lists them), found by the host's
-    ``folder_paths`` inside that model folder only; a clear error naming the folder otherwise."""
+def resolve_file(choice: str, folders: tuple[str, ...]) -> str:
+    """Full path of a ``folder/file`` choice (as ``file_options`` lists them) whose folder is one of
+    ``folders``, found by the host's ``folder_paths`` inside that model folder only; a clear error
+    naming the folder otherwise."""
     folder, _, name = choice.partition("/")
-    path = folder_paths.get_full_path(folder, name) if folder in folder_paths.folder_names_and_paths else None
+    path = folder_paths.get_full_path(folder, name) if folder in folders else None
     if path is None:
-        raise ModelFileNotFound(f"model file '{name}' not found in models/{folder}; put it there and refresh "
-                                "the node list")
+        where = f"models/{folder}" if folder in folders else " or ".join(f"models/{f}" for f in folders)
+        raise ModelFileNotFound(f"model file '{name}' not found in {where}; put it there and refresh the node list")
     return path

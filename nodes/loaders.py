@@ -12,6 +12,7 @@ from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
 from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, StreamingDecoder, check_inputs,
                      compute_device, file_options, resolve_file)
 
+DECODER_FOLDERS = ("vae_approx", "vae")
 DECODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,7 +54,8 @@ class LoadSelfForcingModel(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None):
         return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8),
-                            model_name=lambda: model_name is None or resolve_file(f"diffusion_models/{model_name}"))
+                            model_name=lambda: model_name is None or resolve_file(f"diffusion_models/{model_name}",
+                                                                                     ("diffusion_models",)))
 
     @classmethod
     def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None):
@@ -122,7 +124,8 @@ class SelfForcingLora(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        return check_inputs(cls, {}, lora_name=lambda: lora_name is None or resolve_file(f"loras/{lora_name}"))
+        return check_inputs(cls, {},
+                            lora_name=lambda: lora_name is None or resolve_file(f"loras/{lora_name}", ("loras",)))
 
     @classmethod
     def execute(cls, lora_name, strength, loras=None):
@@ -140,7 +143,7 @@ class LoadStreamingDecoder(io.ComfyNode):
                         "is generated: TAEHV (fast, taew2_1 / lighttaew2_1 in models/vae_approx) or the "
                         "Wan 2.1 VAE (full quality, models/vae).",
             inputs=[
-                io.Combo.Input("decoder_name", options=file_options("vae_approx", "vae"),
+                io.Combo.Input("decoder_name", options=file_options(*DECODER_FOLDERS),
                                tooltip="vae_approx/taew2_1.safetensors for live previews at high speed, "
                                        "vae/wan_2.1_vae.safetensors for final quality."),
                 io.Combo.Input("dtype", options=list(DECODER_DTYPES), default="fp32",
@@ -152,11 +155,11 @@ class LoadStreamingDecoder(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, decoder_name=None, dtype=None):
         return check_inputs(cls, dict(dtype=dtype),
-                            decoder_name=lambda: decoder_name is None or resolve_file(decoder_name))
+                            decoder_name=lambda: decoder_name is None or resolve_file(decoder_name, DECODER_FOLDERS))
 
     @classmethod
     def execute(cls, decoder_name, dtype):
-        codec = load_codec(resolve_file(decoder_name), dtype=DECODER_DTYPES[dtype], device=compute_device())
+        codec = load_codec(resolve_file(decoder_name, DECODER_FOLDERS), dtype=DECODER_DTYPES[dtype], device=compute_device())
         return io.NodeOutput(codec)
 
 

@@ -3,9 +3,10 @@
 Clips are read only from the ``selfforcing_clips`` folders: ComfyUI's input folder, then any
 folder the server's owner adds under that name in ``extra_model_paths.yaml``. Their encoded
 cache goes to the host's system-user folder ``user/__self_forcing_clip_cache/``, which no HTTP
-endpoint serves (unlike input / output / temp). A run's resumable ``checkpoint.pt`` lives in ``output/self_forcing_training/<lora_name>/``;
-the finished LoRA goes to the host's ``loras`` folder as ``<lora_name>_00001_.safetensors``
-(the counter of ComfyUI's save nodes: an existing file is never replaced).
+endpoint serves (unlike input / output / temp). A run's resumable ``checkpoint.pt`` lives in
+``output/self_forcing_training/<lora_name>/``; the finished LoRA goes to the host's ``loras``
+folder as ``<lora_name>_00001_.safetensors`` (the counter of ComfyUI's save nodes: an existing
+file is never replaced).
 """
 import hashlib
 import logging

@@ -159,6 +159,10 @@ def test_missing_model_file_is_a_validation_error(server):
         server.queue_prompt(sampler_graph(model="nowhere.safetensors"))
     with pytest.raises(PromptValidationError, match="not found"):
         server.queue_prompt(sampler_graph(decoder="vae_approx/nowhere.safetensors"))
+    # a file of another model folder is not a decoder choice, nor a path out of the folder
+    for name in ("diffusion_models/sf_tiny.safetensors", "vae_approx/../diffusion_models/sf_tiny.safetensors"):
+        with pytest.raises(PromptValidationError, match="not found in models/vae_approx or models/vae|not found in models/vae_approx"):
+            server.queue_prompt(sampler_graph(decoder=name))
 
 
 def test_fp8_weights_with_offload_and_compile_options_run(server):
