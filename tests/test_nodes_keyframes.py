@@ -30,4 +30,3 @@ def test_keyframe_outside_the_clip_is_a_clear_error(server):
     graph["22"] = {"class_type": "SelfForcingKeyframe", "inputs": {"image": ["20", 0], "frame": 25, "strength": 1.0}}
     with pytest.raises(PromptExecutionError, match="outside the clip"):
         server.run(graph, timeout=300)
-
