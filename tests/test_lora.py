@@ -110,3 +110,96 @@ def test_read_lora_accepts_peft_names_and_rejects_other_files():
         merge_lora(model, {"blocks.7.ffn.0.lora_down.weight": down, "blocks.7.ffn.0.lora_up.weight": up})
     with pytest.raises(ValueError, match="blocks.0, which is not a linear layer of this model"):  # a whole block
         merge_lora(model, {"blocks.0.lora_down.weight": down, "blocks.0.lora_up.weight": up})
+
+
+def lora_tensors(seed=0, rank=4):
+    """down/up for two modules of TINY: {module: (down, up)}."""
+    g = torch.Generator().manual_seed(seed)
+    return {module: (torch.randn(rank, 64, generator=g) * 0.1, torch.randn(out, rank, generator=g) * 0.1)
+            for module, out in (("blocks.0.self_attn.q", 64), ("blocks.1.ffn.0", 128))}
+
+
+def write_layouts(folder, pairs):
+    """The same LoRA in every supported layout; returns {layout: path}."""
+    from safetensors.torch import save_file
+    comfy, peft, kohya = {}, {}, {}
+    for module, (down, up) in pairs.items():
+        comfy |= {f"diffusion_model.{module}.lora_down.weight": down, f"diffusion_model.{module}.lora_up.weight": up,
+                  f"diffusion_model.{module}.alpha": torch.tensor(8.0)}
+        peft |= {f"base_model.model.{module}.lora_A.weight": down, f"base_model.model.{module}.lora_B.weight": up}
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(8.0)}
+    paths = {name: folder / name / file for name, file in (
+        ("comfyui", "lora.safetensors"), ("peft_config", "adapter_model.safetensors"),
+        ("peft_bare", "adapter_model.safetensors"), ("longlive_pt", "lora.pt"), ("kohya", "lora.safetensors"))}
+    for path in paths.values():
+        path.parent.mkdir()
+    save_file(comfy, str(paths["comfyui"]))
+    save_file(peft, str(paths["peft_config"]))
+    (paths["peft_config"].parent / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    save_file(peft, str(paths["peft_bare"]))
+    torch.save({"generator_lora": peft, "critic_lora": {k: -v for k, v in peft.items()}, "step": 3},
+               paths["longlive_pt"])
+    save_file(kohya, str(paths["kohya"]))
+    return paths
+
+
+def test_every_layout_reads_to_the_same_adapters_and_says_where_alpha_came_from(tmp_path):
+    from selfforcing_core.lora import read_lora_file
+    pairs = lora_tensors()
+    paths = write_layouts(tmp_path, pairs)
+    sources = {}
+    for layout, path in paths.items():
+        alpha = 8.0 if layout in ("peft_bare", "longlive_pt") else None  # the file stores none: the user sets it
+        lora = read_lora_file(path, alpha=alpha)
+        assert set(lora.adapters) == set(pairs), layout
+        for module, (down, up, layer_alpha) in lora.adapters.items():
+            assert torch.equal(down, pairs[module][0]) and torch.equal(up, pairs[module][1]), layout
+            assert layer_alpha == 8.0, layout
+        sources[layout] = lora.alpha_source
+    assert sources["comfyui"] == sources["kohya"] == "stored in the file"
+    assert "adapter_config.json" in sources["peft_config"] and "as set" in sources["longlive_pt"]
+    default = read_lora_file(paths["peft_bare"])  # nothing anywhere: alpha = rank, scale 1
+    assert {a for _, _, a in default.adapters.values()} == {4.0} and "rank" in default.alpha_source
+    assert read_lora_file(paths["kohya"]).layout == "kohya" and read_lora_file(paths["longlive_pt"]).layout == "peft"
+
+
+def test_non_finite_lora_tensors_are_refused_by_name():
+    from selfforcing_core.lora import read_lora_file
+    down, up = torch.randn(2, 64), torch.randn(64, 2)
+    up[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"blocks\.0\.self_attn\.q\.lora_up\.weight.*non-finite"):
+        read_lora_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+                        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up})
+
+
+def test_attached_lora_with_diffs_changes_strength_without_reload_and_equals_a_merge():
+    """Low-rank parts unmerged, .diff / .diff_b / .diff_m merged reversibly: any strength equals
+    merging at that strength, and strength 0 is the base model bit for bit."""
+    from selfforcing_core.lora import attach_lora
+    torch.manual_seed(0)
+    base = CausalWanModel(TINY)
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for module, (down, up) in lora_tensors().items():
+        tensors |= {f"diffusion_model.{module}.lora_down.weight": down, f"diffusion_model.{module}.lora_up.weight": up}
+    tensors |= {"diffusion_model.blocks.0.cross_attn.k.diff": 0.05 * torch.randn(64, 64, generator=g),
+                "diffusion_model.blocks.1.ffn.2.diff_b": 0.05 * torch.randn(64, generator=g),
+                "diffusion_model.blocks.0.diff_m": 0.05 * torch.randn(1, 6, 64, generator=g)}
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = CausalWanModel(TINY)
+    model.load_state_dict(original)
+    attached = attach_lora(model, tensors, strength=1.0)
+    assert "3 full-weight diffs" in attached.describe() and "unmerged" in attached.describe()
+    x, t, prompt = tiny_inputs()
+    with torch.no_grad():
+        for strength in (1.0, 0.4):
+            attached.set_strength(strength)
+            merged = CausalWanModel(TINY)
+            merged.load_state_dict(original)
+            assert merge_lora(merged, tensors, strength) == 5
+            torch.testing.assert_close(model(x, t, prompt, mode="bidirectional"),
+                                       merged(x, t, prompt, mode="bidirectional"), atol=1e-5, rtol=1e-5)
+        attached.set_strength(0.0)
+        base.eval()
+        assert torch.equal(model(x, t, prompt, mode="bidirectional"), base(x, t, prompt, mode="bidirectional"))

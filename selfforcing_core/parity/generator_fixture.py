@@ -128,11 +128,14 @@ def run(root: Path) -> list[Comparison]:
     for case in case_dirs(root):
         expected = load_file(str(case / "outputs.safetensors"))
         lora = lora_file(case)
+        attached = None
         if lora is not None:
             alpha = json.loads((case / "config.json").read_text()).get("lora_alpha")
-            attach_lora(model, lora, adapter=case.name, alpha=alpha)
+            attached = attach_lora(model, lora, adapter=case.name, alpha=alpha)
         with active_adapter(model, case.name if lora is not None else None):
             latents, kv_cache, plan = run_case(model, case)
+        if attached is not None:
+            attached.set_strength(0.0)  # later cases run on the bare model
         for name, value in plan.items():
             if name in expected:  # recorded by fixtures whose blocks may differ
                 results.append(compare(case.name, name, value, expected[name], atol=0, rtol=0))
