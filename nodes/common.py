@@ -49,7 +49,7 @@ def block_reporter(total_blocks: int):
 
             pixels = (to_image(frames[:, -1:])[0].numpy() * 255).round().astype("uint8")
             preview = ("JPEG", Image.fromarray(pixels), PREVIEW_SIZE)
-        progress.update_absolute(info["block"] + 1, info["num_blocks"], preview)
+        progress.update_absolute(info["block"] + 1, info["num_blocks"] or info["block"] + 2, preview)  # None: until stopped
 
     return on_block
 

@@ -13,8 +13,7 @@ import torch
 
 from .live import LiveSteering
 from .memory import estimate_for_model
-from .model import ROPE_MAX_FRAMES
-from .rollout import BlockGuide, NoiseSource, StreamSettings, stream_blocks
+from .rollout import BlockGuide, NoiseSource, StreamSettings, max_latent_frames, stream_blocks
 from .units import blocks_for, pixel_size, video_frames_for
 
 
@@ -34,8 +33,9 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     """Generate ``latent_frames`` latent frames after the optional ``settings.prefill`` [B, P, 16, h, w].
 
     latent_frames 0: run until stopped (``live.request_stop()``), which needs a rolling window
-    (``settings.kv_window_frames``); the stream also ends where the RoPE table ends
-    (``ROPE_MAX_FRAMES``). live: prompt switches and a stop requested while the stream runs,
+    (``settings.kv_window_frames``); with absolute RoPE the stream also ends where the RoPE table
+    ends (``rollout.max_latent_frames``), with block-relativistic RoPE (``settings.cache_rules``)
+    it never does. live: prompt switches and a stop requested while the stream runs,
     taken at block boundaries; a stop keeps every block generated so far.
 
     prompt: umT5 embeddings [B, L, 4096]. seed: all noise (initial and re-noise) comes from one
@@ -55,9 +55,11 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
         if not settings.kv_window_frames:
             raise ValueError("length 0 runs until stopped and needs a rolling KV window: set kv_window_frames "
                              "(e.g. 21)")
-        latent_frames = (ROPE_MAX_FRAMES - prefill_frames) // frames_per_block * frames_per_block
+        reachable = max_latent_frames(settings.cache_rules, settings.kv_window_frames, frames_per_block,
+                                      prefill_frames)
+        latent_frames = None if reachable is None else reachable - prefill_frames
     started = time.perf_counter()
-    num_blocks = blocks_for(latent_frames, frames_per_block)
+    num_blocks = None if latent_frames is None else blocks_for(latent_frames, frames_per_block)
     latent_shape = (model.cfg.in_dim, *latent_hw)
     noise = NoiseSource(generator=torch.Generator().manual_seed(seed))
     stream = decoder.stream() if decoder is not None else None
@@ -81,14 +83,14 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     for block, clean in enumerate(blocks):
         latents.append(clean)
         generated += clean.shape[1]
-        if live is not None and block + 1 < num_blocks and live.take_stop(block + 1):
+        if live is not None and (num_blocks is None or block + 1 < num_blocks) and live.take_stop(block + 1):
             ending = f"stopped after block {block + 1} (Stop)\n"
             break
     else:
         if endless:
-            ending = (f"the stream reached the end of the model's RoPE table ({ROPE_MAX_FRAMES} latent frames) "
-                      "and stopped there\n")
-    total_latent = prefill_frames + min(latent_frames, generated)
+            ending = (f"the stream reached the end of the model's RoPE table ({prefill_frames + latent_frames} "
+                      "latent frames) and stopped there\n")
+    total_latent = prefill_frames + (generated if latent_frames is None else min(latent_frames, generated))
     num_blocks = len(latents) - (prefill is not None)
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None

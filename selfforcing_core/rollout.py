@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .kv_cache import CacheRules
-from .model import CausalWanModel
+from .model import ROPE_MAX_FRAMES, CausalWanModel
 from .schedule import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
 
 
@@ -69,6 +69,20 @@ def block_sizes(frames_per_block: int = 3, first_block_frames: int | None = None
         yield first_block_frames
     while True:
         yield frames_per_block
+
+
+def max_latent_frames(rules: CacheRules, kv_window_frames: int | None, frames_per_block: int = 3,
+                      prefill_frames: int = 0) -> int | None:
+    """The most latent frames (prefill included) a stream can reach, or None: no limit.
+
+    Block-relativistic RoPE with a rolling window keeps every position inside the window, so such
+    a stream runs until stopped. Otherwise frame f sits at position f (with a global cache, slot f
+    too): the stream ends with the last whole block inside the model's RoPE table
+    (``ROPE_MAX_FRAMES`` positions).
+    """
+    if rules.rope == "relative" and kv_window_frames:
+        return None
+    return prefill_frames + (ROPE_MAX_FRAMES - prefill_frames) // frames_per_block * frames_per_block
 
 
 def block_plan(latent_frames: int, frames_per_block: int = 3, first_block_frames: int | None = None) -> list[int]:
@@ -287,6 +301,12 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
         kv_cache = model.new_kv_cache(height, width, window or prefill_frames + generated_total,
                                       settings.sink_frames, rolling=window is not None, batch_size=batch_size,
                                       rules=settings.cache_rules)
+    limit = max_latent_frames(kv_cache.rules, kv_cache.capacity_frames if kv_cache.rolling else None,
+                              frames_per_block, prefill_frames)
+    if limit is not None and num_blocks is not None and prefill_frames + generated_total > limit:
+        raise ValueError(f"{prefill_frames + generated_total} latent frames cannot be reached with absolute RoPE "
+                         f"(the model places at most {limit}); generate at most {limit - prefill_frames} frames, "
+                         "or use block-relativistic RoPE (rope 'relative') with a KV window for any length")
     kv_cache.reset()
     switches = {switch.block: switch.prompt for switch in settings.prompt_switches}
     state = RolloutState(kv_cache, switches.pop(0, prompt).to(device))

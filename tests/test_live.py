@@ -85,11 +85,11 @@ def test_length_zero_runs_until_stopped_with_a_rolling_window(model):
 
 
 def test_an_endless_stream_ends_cleanly_at_the_end_of_the_rope_table(model, monkeypatch):
-    import selfforcing_core.generate as generate
+    import selfforcing_core.rollout as rollout
 
-    monkeypatch.setattr(generate, "ROPE_MAX_FRAMES", 10)  # a short table instead of 1024 frames
+    monkeypatch.setattr(rollout, "ROPE_MAX_FRAMES", 10)  # a short table instead of 1024 frames
     video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, settings=StreamSettings(kv_window_frames=6))
-    assert video.latents.shape[1] == 9 and "end of the model's RoPE table (10 latent frames)" in video.report
+    assert video.latents.shape[1] == 9 and "end of the model's RoPE table (9 latent frames)" in video.report
     assert ROPE_MAX_FRAMES == 1024
 
 

@@ -4,7 +4,8 @@ import torch
 
 from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.parity import run_parity
-from selfforcing_core.rollout import (NoiseSource, PromptSwitch, StreamSettings, block_plan, sample_video,
+from selfforcing_core.rollout import (NoiseSource, PromptSwitch, StreamSettings, block_plan, max_latent_frames,
+                                      sample_video,
                                       stream_blocks, write_clean_context)
 from selfforcing_core.schedule import FlowMatchSchedule
 from tiny import tiny_model, tiny_prompt
@@ -197,3 +198,39 @@ def test_independent_first_frame_stream_yields_the_plan_and_its_own_first_step_l
         flow = model(first_noise, t, prompt, kv_cache=model.new_kv_cache(*LATENT[1:], 1))
     expected = FlowMatchSchedule(5.0).x0_from_flow(first_noise, flow, t)
     torch.testing.assert_close(blocks[0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_relative_rope_stream_runs_past_2000_frames_with_the_same_buffers_and_bounded_state():
+    """Block-relativistic RoPE: no length limit (far past the 1024-position RoPE table, a prompt
+    switch included), positions stay inside the window, the cache buffers are never reallocated
+    and the rollout keeps a bounded number of clean frames."""
+    model, prompt = tiny_model(num_layers=1), tiny_prompt()  # one layer, one token per frame: 3335 fast calls
+    rules = CacheRules(rope="relative", protect_sink=True, switch_recache="window")
+    seen = []
+
+    def record(info):
+        cache = info["state"].kv_cache
+        seen.append(((cache.k.data_ptr(), cache.v.data_ptr(), cache.k_rotated.data_ptr()),
+                     len(info["state"].clean_frames), cache.plan.position, info["start_frame"]))
+
+    settings = StreamSettings(kv_window_frames=9, sink_frames=3, cache_rules=rules,
+                              prompt_switches=[PromptSwitch(400, tiny_prompt(seed=5))])
+    stream = stream_blocks(model, prompt, None, (16, 2, 2), noise=seeded(0), settings=settings, callback=record)
+    for _ in range(667):
+        assert torch.isfinite(next(stream)).all()
+    buffers, kept, positions, starts = zip(*seen)
+    assert starts[-1] + 3 >= 2000
+    assert len(set(buffers)) == 1
+    assert max(kept) <= 9 + 3 + 3 and max(positions) == 6  # window 9: the block always takes slots 6..8
+
+
+def test_absolute_rope_refuses_an_unreachable_length_before_any_compute():
+    model, prompt = tiny_model(), tiny_prompt()
+    calls, handle = record_cached_calls(model)
+    assert max_latent_frames(CacheRules(), 21) == 1023
+    assert max_latent_frames(CacheRules(rope="relative"), None) == 1023  # a global cache places frames by index
+    assert max_latent_frames(CacheRules(rope="relative"), 12) is None
+    with pytest.raises(ValueError, match="absolute RoPE.*at most 1023"):
+        next(stream_blocks(model, prompt, 342, LATENT, noise=seeded(0), settings=StreamSettings(kv_window_frames=6)))
+    handle.remove()
+    assert calls == []
