@@ -2,10 +2,9 @@
 from comfy_api.latest import io
 
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
-from ..selfforcing_core.units import blocks_for
 from .common import CATEGORY, StreamingDecoder, block_reporter
 from .sampler import (check_memory, check_sampler_inputs, sampler_inputs, sampler_output, sampler_outputs,
-                      sampling_arguments)
+                      sampling_arguments, total_blocks)
 
 KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
 
@@ -83,7 +82,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
     @classmethod
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
                 method="guidance", ramp_frames=5, image_fit="crop", **inputs):
-        arguments = sampling_arguments(**inputs)
+        arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
         images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
         if end_image is not None:
@@ -93,8 +92,8 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
             **arguments, encode=encoder.encode_video if encoder is not None else None,
             start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
             fit=image_fit, method=method, ramp_frames=ramp_frames,
-            callback=block_reporter(blocks_for(arguments["latent_frames"])))
-        return sampler_output(video)
+            callback=block_reporter(total_blocks(arguments)))
+        return sampler_output(video, family)
 
 
 NODES = [SelfForcingKeyframeSampler, SelfForcingKeyframe]

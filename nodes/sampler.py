@@ -1,26 +1,32 @@
 """Self-Forcing Streaming Sampler, Self-Forcing Prompt Schedule and Streaming Decode."""
 import logging
 
+from dataclasses import replace
+
 from comfy_api.latest import io
 
+from ..selfforcing_core.families import FAMILIES
 from ..selfforcing_core.generate import generate_video
 from ..selfforcing_core.kv_cache import check_window
 from ..selfforcing_core.latents import comfy_to_generator
 from ..selfforcing_core.memory import check_generation_fits
 from ..selfforcing_core.model import max_stream_latent_frames
-from ..selfforcing_core.rollout import PromptSwitch, StreamSettings
-from ..selfforcing_core.schedule import DEFAULT_STEPS, FlowMatchSchedule
-from ..selfforcing_core.units import (block_of_video_frame, blocks_for, latent_frames_for, latent_size, pixel_size,
-                                      video_frames_for)
+from ..selfforcing_core.rollout import PromptSwitch, blocks_covering
+from ..selfforcing_core.schedule import DEFAULT_STEPS
+from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size, pixel_size, video_frames_for
 from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter, check_inputs,
                      prompt_tensor, to_image, to_latent)
 
-# step-preset label -> (scheduler shift, configured steps); the timesteps fed are the warped list.
-STEP_PRESETS = {
-    "4 steps, shift 5 (paper)": (5.0, DEFAULT_STEPS),
-    "4 steps, shift 8 (official demo)": (8.0, DEFAULT_STEPS),
+# Preset label -> checkpoint family: the two Self Forcing step presets first (labels kept for saved
+# workflows), then every other family by name.
+PRESETS = {
+    "4 steps, shift 5 (paper)": FAMILIES["self_forcing"],
+    "4 steps, shift 8 (official demo)": replace(FAMILIES["self_forcing"], name="Self Forcing, shift 8 (official demo)",
+                                                shift=8.0),
+    **{family.name: family for key, family in FAMILIES.items() if key != "self_forcing"},
 }
 DEFAULT_PRESET = "4 steps, shift 5 (paper)"
+LATER_BLOCK_STEPS = {"preset": None, "4": DEFAULT_STEPS, "2": (1000, 500), "1": (1000,)}
 MAX_LENGTH = video_frames_for(max_stream_latent_frames())  # the last frame the RoPE table can place
 
 
@@ -41,9 +47,13 @@ def sampler_inputs():
                              "frames by absolute position."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="All noise comes from this seed (same result on any device)."),
-        io.Combo.Input("steps", options=list(STEP_PRESETS), default=DEFAULT_PRESET,
-                       tooltip="Denoising steps per block. The paper's 4 steps with shift 5 is what the model "
-                               "was trained for; the official demo used shift 8."),
+        io.Combo.Input("steps", options=list(PRESETS), default=DEFAULT_PRESET,
+                       tooltip="Preset of the checkpoint family: block plan, step lists and sampler. Self Forcing: "
+                               "4 steps with shift 5 as trained (the official demo used shift 8). Causal "
+                               "Forcing frame-wise: 1 latent frame per block (lowest latency), its first block in "
+                               "4 steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window denoised "
+                               "jointly; a block appears when it leaves the window. Pick the preset of the "
+                               "loaded checkpoint."),
         io.Int.Input("kv_window_frames", default=0, min=0, max=1023,
                      tooltip="Rolling KV cache size in latent frames (0 = keep every frame). Set it (e.g. 21) "
                              "for videos longer than 81 frames; memory then stays flat for any length."),
@@ -56,6 +66,12 @@ def sampler_inputs():
         StreamingDecoder.Input("decoder", optional=True,
                                tooltip="Decode each block while the next one is generated (Load Streaming "
                                        "Decoder); also gives live previews."),
+        io.Int.Input("frames_per_block", default=0, min=0, max=21, optional=True,
+                     tooltip="Override: latent frames per block (0 = the preset's; 1 = frame-wise, 3 = chunk-wise). "
+                             "Only a checkpoint trained for it gives good video."),
+        io.Combo.Input("later_block_steps", options=list(LATER_BLOCK_STEPS), default="preset", optional=True,
+                       tooltip="Override: denoising steps of every block after the first (the first keeps the "
+                               "preset's list). Causal Forcing++ frame-wise checkpoints take 2 or 1."),
     ]
 
 
@@ -67,16 +83,23 @@ def sampler_outputs():
 
 
 def sampling_arguments(model, positive, width, height, length, seed, steps, kv_window_frames, sink_frames,
-                       prompt_schedule=None, decoder=None) -> dict:
-    """Node inputs -> keyword arguments of ``generate_video`` (units converted here, at the boundary)."""
+                       prompt_schedule=None, decoder=None, frames_per_block=0, later_block_steps="preset"):
+    """Node inputs -> (keyword arguments of ``generate_video``, the family that runs); units are
+    converted here, at the boundary."""
     latent_hw = latent_size(width, height)
-    switches = [PromptSwitch(block_of_video_frame(frame), prompt_tensor(cond, "scheduled"))
+    family = PRESETS[steps].overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps])
+    switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"))
                 for frame, cond in prompt_schedule or []]
-    shift, configured_steps = STEP_PRESETS[steps]
-    settings = StreamSettings(kv_window_frames=kv_window_frames or None, sink_frames=sink_frames, shift=shift,
-                              timesteps=FlowMatchSchedule(shift).warp(configured_steps), prompt_switches=switches)
+    settings = family.settings(prompt_switches=switches, **({"kv_window_frames": kv_window_frames}
+                                                            if kv_window_frames else {}), sink_frames=sink_frames)
     return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length),
-                latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder)
+                latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), family
+
+
+def total_blocks(arguments: dict) -> int:
+    """Blocks the run will generate (for the progress bar)."""
+    settings = arguments["settings"]
+    return blocks_covering(arguments["latent_frames"], settings.frames_per_block, settings.first_block_frames)
 
 
 def check_memory(arguments: dict) -> None:
@@ -105,13 +128,15 @@ def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=N
                         kv_window_frames=lambda: check_window(kv_window_frames, sink_frames or 0))
 
 
-def sampler_output(video):
-    """LATENT and IMAGE outputs; without a decoder the IMAGE is one black frame of the video's size."""
+def sampler_output(video, family):
+    """LATENT, IMAGE and info outputs; without a decoder the IMAGE is one black frame of the video's
+    size; ``info`` opens with what ran (family, block plan, step lists, sampler)."""
     frames = video.frames
     if frames is None:
         frames = video.latents.new_zeros(1, 1, 3, *pixel_size(video.latents.shape[-2:]))
-    logging.info("Self-Forcing sampler: %s", video.report)
-    return io.NodeOutput(to_latent(video.latents), to_image(frames), video.report)
+    report = f"{family.describe()}\n{video.report}"
+    logging.info("Self-Forcing sampler: %s", report)
+    return io.NodeOutput(to_latent(video.latents), to_image(frames), report)
 
 
 class SelfForcingStreamingSampler(io.ComfyNode):
@@ -134,10 +159,10 @@ class SelfForcingStreamingSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, **inputs):
-        arguments = sampling_arguments(**inputs)
+        arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
-        video = generate_video(**arguments, callback=block_reporter(blocks_for(arguments["latent_frames"])))
-        return sampler_output(video)
+        video = generate_video(**arguments, callback=block_reporter(total_blocks(arguments)))
+        return sampler_output(video, family)
 
 
 class SelfForcingPromptSchedule(io.ComfyNode):

@@ -13,8 +13,9 @@ import torch
 
 from .live import LiveSteering
 from .memory import estimate_for_model
-from .rollout import BlockGuide, NoiseSource, StreamSettings, max_latent_frames, stream_blocks
-from .units import blocks_for, pixel_size, video_frames_for
+from .rollout import BlockGuide, NoiseSource, StreamSettings, blocks_covering, max_latent_frames, stream_blocks
+from .rolling_forcing import CACHE_FRAMES, stream_rolling
+from .units import pixel_size, video_frames_for
 
 
 @dataclass
@@ -43,10 +44,20 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     codec from ``codec_loading.load_codec`` (TAEHV or Wan VAE) or None. callback: the rollout's
     per-block dict (``stream_blocks``), its ``frames`` the block's decoded frames [B, T, 3, H, W]
     (None without a decoder); it may raise (e.g. on a user interrupt) to stop generation.
+    settings.sampler 'rolling' runs the Rolling Forcing sampler: a block is output when it leaves
+    the window (the first after n windows, reported as the time to the first block); it takes no
+    prefill, guide, prompt switches or live steering, and at least a window of blocks.
     Returns the prefill frames followed by the generated ones, trimmed to the requested length.
     """
     settings = settings or StreamSettings()
     prefill, frames_per_block = settings.prefill, settings.frames_per_block
+    if settings.sampler not in ("blockwise", "rolling"):
+        raise ValueError(f"unknown sampler {settings.sampler!r}: use 'blockwise' or 'rolling'")
+    rolling = settings.sampler == "rolling"
+    window_blocks = len(settings.step_lists()[1])
+    if rolling and (prefill is not None or guide is not None or settings.prompt_switches or live is not None):
+        raise ValueError("the Rolling Forcing sampler takes no start image, keyframes or prompt switches; use a "
+                         "block-by-block preset for those")
     if latent_frames < 0:
         raise ValueError(f"latent_frames must be >= 1 (or 0: until stopped), got {latent_frames}")
     prefill_frames = 0 if prefill is None else prefill.shape[1]
@@ -58,8 +69,13 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
         reachable = max_latent_frames(settings.cache_rules, settings.kv_window_frames, frames_per_block,
                                       prefill_frames)
         latent_frames = None if reachable is None else reachable - prefill_frames
+    if rolling and latent_frames is not None and 0 < latent_frames < window_blocks * frames_per_block:
+        raise ValueError(f"the Rolling Forcing sampler denoises a window of {window_blocks} blocks; a video shorter "
+                         f"than that ({latent_frames} latent frames) is never fully denoised. Make it at least "
+                         f"{video_frames_for(window_blocks * frames_per_block)} frames long")
     started = time.perf_counter()
-    num_blocks = None if latent_frames is None else blocks_for(latent_frames, frames_per_block)
+    num_blocks = None if latent_frames is None else blocks_covering(
+        latent_frames, frames_per_block, None if prefill_frames else settings.first_block_frames)
     latent_shape = (model.cfg.in_dim, *latent_hw)
     noise = NoiseSource(generator=torch.Generator().manual_seed(seed))
     stream = decoder.stream() if decoder is not None else None
@@ -76,11 +92,18 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
         if callback is not None:
             callback(info)
 
-    blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise,
-                           settings=settings, callback=on_block, guide=guide,
-                           live_prompt=live.take_prompt if live is not None else None)
-    generated, ending = 0, ""
+    if rolling:
+        timesteps = settings.step_lists()[1]
+        blocks = stream_rolling(model, prompt, num_blocks, latent_shape, noise=noise, timesteps=timesteps,
+                                schedule=settings.schedule(), frames_per_block=frames_per_block, callback=on_block,
+                                batch_size=prompt.shape[0])
+    else:
+        blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise,
+                               settings=settings, callback=on_block, guide=guide,
+                               live_prompt=live.take_prompt if live is not None else None)
+    generated, ending, first_block_seconds = 0, "", None
     for block, clean in enumerate(blocks):
+        first_block_seconds = first_block_seconds or time.perf_counter() - started
         latents.append(clean)
         generated += clean.shape[1]
         if live is not None and (num_blocks is None or block + 1 < num_blocks) and live.take_stop(block + 1):
@@ -95,10 +118,13 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
     seconds = time.perf_counter() - started
-    estimate = estimate_for_model(model, *pixel_size(latent_hw), settings.kv_window_frames, total_latent,
-                                  prompt.shape[0], frames_per_block)
+    estimate = estimate_for_model(model, *pixel_size(latent_hw), CACHE_FRAMES if rolling else settings.kv_window_frames,
+                                  total_latent, prompt.shape[0], frames_per_block * (window_blocks if rolling else 1))
+    waits = (f" (a block is output when it leaves the {window_blocks}-block window: the first after "
+             f"{window_blocks} window calls)" if rolling else "")
     report = (f"{num_blocks} blocks in {seconds:.1f} s ({seconds / num_blocks:.2f} s per block, "
               f"{video_frames_for(total_latent) / seconds:.2f} video frames/s"
-              f"{', decoder included' if decoder is not None else ''})\n{ending}"
+              f"{', decoder included' if decoder is not None else ''})\n"
+              f"time to the first block: {first_block_seconds:.2f} s{waits}\n{ending}"
               f"memory estimate (device): {estimate}")
     return GeneratedVideo(video, pixels, report)

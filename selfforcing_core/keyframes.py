@@ -8,8 +8,9 @@ Start image: **whole-block prefill**. The image is encoded as a still clip of
 t = 0 before the first generated block (the official prefill / video-extension path, SPEC 4.3) and
 returned as the clip's first block. Latent 0 is the image's own first-frame encoding, so the first
 decoded frame is the image up to the codec round trip; the clip opens on a still of
-4 * frames_per_block - 3 pixel frames (9 at 3 frames per block). The alternative, an independent
-one-frame first block, needs a checkpoint trained that way; the released chunk-wise ones are not.
+4 * frames_per_block - 3 pixel frames (9 at 3 frames per block). Frame-wise plans (Causal
+Forcing) and an independent first frame make that block one latent frame: the image alone, with
+no still (their image-to-video path); the released chunk-wise checkpoints are not trained for it.
 
 Keyframes at latent frame k with strength s in [0, 1] (the start block holds no keyframes):
 
@@ -230,20 +231,22 @@ def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent
     latent_frames counts the whole clip, start block included; keyframe times (pixel frames) and
     the blocks of ``settings.prompt_switches`` count from the clip's start too. Images as in
     ``prepare_keyframes``; ``encode`` is needed when there are any. The start block becomes
-    ``settings.prefill``. Other arguments go to ``generate_video``.
+    ``settings.prefill`` and fills the plan's first block: 3 latent frames (a 9-frame still)
+    chunk-wise, one latent frame (the image alone) frame-wise or with an independent first frame.
+    Other arguments go to ``generate_video``.
     """
     settings = settings or StreamSettings()
-    frames_per_block = settings.frames_per_block
+    start_block_frames = settings.first_block_frames or settings.frames_per_block
     if encode is None and (start_image is not None or keyframe_images):
         raise ValueError("keyframe images need an encoder: connect Load Streaming Decoder with Wan VAE or "
                          "TAEHV weights that include the encoder")
     start, keyframes = prepare_keyframes(encode, latent_hw, latent_frames, start_image, keyframe_images, fit,
-                                         frames_per_block, prompt.shape[0], model.device, model.dtype)
+                                         start_block_frames, prompt.shape[0], model.device, model.dtype)
     start_frames = 0 if start is None else start.shape[1]
     if latent_frames <= start_frames:
         raise ValueError(f"the clip is only {video_frames_for(latent_frames)} frames, which the start image's "
                          f"still block fills; make it at least {video_frames_for(start_frames + 1)} frames long")
-    start_blocks = start_frames // frames_per_block
+    start_blocks = 0 if start is None else 1
     switches = [PromptSwitch(max(0, switch.block - start_blocks), switch.prompt)
                 for switch in settings.prompt_switches]
     return generate_video(model, prompt, latent_frames - start_frames, latent_hw,

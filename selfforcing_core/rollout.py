@@ -85,17 +85,23 @@ def max_latent_frames(rules: CacheRules, kv_window_frames: int | None, frames_pe
     return prefill_frames + (ROPE_MAX_FRAMES - prefill_frames) // frames_per_block * frames_per_block
 
 
+def blocks_covering(latent_frames: int, frames_per_block: int = 3, first_block_frames: int | None = None) -> int:
+    """Blocks of the plan needed to cover ``latent_frames`` frames (the last one may run past the end)."""
+    count, total = 0, 0
+    for size in block_sizes(frames_per_block, first_block_frames):
+        if total >= latent_frames:
+            return count
+        count, total = count + 1, total + size
+
+
 def block_plan(latent_frames: int, frames_per_block: int = 3, first_block_frames: int | None = None) -> list[int]:
     """Frames of each block that together make exactly ``latent_frames`` frames ([1, 3, 3] for 7, 3, 1).
 
     Raises a ValueError naming the nearest lengths that fill whole blocks.
     """
-    plan, total = [], 0
-    for size in block_sizes(frames_per_block, first_block_frames):
-        if total >= latent_frames:
-            break
-        plan.append(size)
-        total += size
+    plan = list(islice(block_sizes(frames_per_block, first_block_frames),
+                       blocks_covering(latent_frames, frames_per_block, first_block_frames)))
+    total = sum(plan)
     if total != latent_frames:
         raise ValueError(f"{latent_frames} latent frames do not fill whole blocks of the plan {plan[:-1]} + "
                          f"[{plan[-1]}, ...]; use {total - plan[-1]} or {total} latent frames")
@@ -129,6 +135,7 @@ class StreamSettings:
     prompt_switches: list[PromptSwitch] = field(default_factory=list)  # prompt changes at chosen blocks
     context_timestep: float = 0.0  # t of the clean-context pass (the official ``context_noise``)
     cache_rules: CacheRules = CacheRules()  # RoPE placement, sink protection, switch re-cache (see ``CacheRules``)
+    sampler: str = "blockwise"  # 'blockwise' (``stream_blocks``) or 'rolling' (``rolling_forcing.stream_rolling``)
 
     def schedule(self) -> FlowMatchSchedule:
         return FlowMatchSchedule(self.shift)

@@ -1,4 +1,6 @@
 """Keyframe-conditioned sampler: start prefill, keyframe pinning, strength 0 = plain stream, errors."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -186,3 +188,21 @@ def test_keyframed_video_counts_time_from_the_clip_start(model, taehv):
         generate_keyframed_video(model, prompt, 3, (8, 8), encode=taehv.encode_video, start_image=image, seed=0)
     with pytest.raises(ValueError, match="need an encoder"):
         generate_keyframed_video(model, prompt, 9, (8, 8), encode=None, start_image=image, seed=0)
+
+
+def test_frame_wise_start_image_is_one_latent_frame_cached_alone(model, taehv):
+    """Frame-wise families (Causal Forcing image-to-video): the start image becomes one latent
+    frame, the image's own encoding, cached with a t = 0 call; the clip continues one frame per block."""
+    from selfforcing_core.families import FAMILIES
+    from selfforcing_core.rollout import NoiseSource, sample_video
+
+    prompt = tiny_prompt(1)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    settings = FAMILIES["causal_forcing_framewise_2step"].settings()
+    video = generate_keyframed_video(model, prompt, 4, (8, 8), encode=taehv.encode_video, start_image=image, seed=2,
+                                     settings=settings)
+    start = encode_still(taehv.encode_video, image, 1)
+    assert start.shape[1] == 1 and video.latents.shape == (1, 4, 16, 8, 8)
+    expected = sample_video(model, prompt, 3, (16, 8, 8), noise=NoiseSource(torch.Generator().manual_seed(2)),
+                            settings=replace(settings, prefill=start))
+    torch.testing.assert_close(video.latents, expected)

@@ -81,6 +81,28 @@ def test_progress_and_a_preview_reach_the_ui_after_every_block(server):
     assert previews >= 3
 
 
+def test_frame_wise_preset_reports_progress_and_a_preview_per_latent_frame(server):
+    """Causal Forcing frame-wise: 13 frames = 4 latent frames = 4 one-frame blocks, each decoded,
+    previewed and counted as it is made (the first in 4 steps, the others in 2)."""
+    graph = sampler_graph(length=13, seed=uuid.uuid4().int % 2**32)
+    graph["4"]["inputs"].update(steps="Causal Forcing frame-wise, 2 steps")
+    outcome, progress, previews, _ = run_watching(server, graph, "4")
+    assert outcome == "execution_success"
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert previews >= 4
+
+
+def test_rolling_forcing_preset_reports_each_block_as_it_leaves_the_window(server):
+    graph = sampler_graph(length=61, seed=uuid.uuid4().int % 2**32)  # 16 latent frames: 6 blocks
+    graph["4"]["inputs"].update(steps="Rolling Forcing")
+    outcome, progress, previews, _ = run_watching(server, graph, "4")
+    assert outcome == "execution_success"
+    assert progress == [(block, 6) for block in range(1, 7)] and previews >= 6
+    graph["4"]["inputs"].update(length=25)  # 7 latent frames: shorter than the 5-block window
+    with pytest.raises(PromptExecutionError, match="at least 57 frames long"):
+        server.run(graph, timeout=300)
+
+
 def test_sampler_latent_decodes_with_the_hosts_own_vae_decode(server):
     graph = sampler_graph(length=13, decoder=None, extra={
         "7": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.host
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
-TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors"}
+TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors", "causal_forcing_framewise.pt": "sf_tiny.safetensors"}
 TINY_PROMPTS = ["cat.safetensors", "dog.safetensors"]
 TINY_WIDTH, TINY_HEIGHT = 64, 48
 TINY_TRAINING = {"SelfForcingTrainingClips": {"width": 32, "height": 32, "length": 9},

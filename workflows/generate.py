@@ -17,11 +17,14 @@ sys.path.insert(0, str(WORKFLOWS.parent / "tests"))
 SELF_FORCING = "https://huggingface.co/gdhe17/Self-Forcing"
 WAN_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 TAEHV = "https://github.com/madebyollin/taehv"
+CAUSAL_FORCING = "https://huggingface.co/zhuhz22/Causal-Forcing"
 DOWNLOADS = {
     "generator": f"models/diffusion_models/self_forcing_dmd.pt\n  <- {SELF_FORCING}  (file checkpoints/self_forcing_dmd.pt)",
     "text_encoder": f"models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n  <- {WAN_REPACKAGED}  "
                     "(split_files/text_encoders/)",
     "taehv": f"models/vae_approx/taew2_1.safetensors (or taew2_1.pth)\n  <- {TAEHV}",
+    "causal_forcing_framewise": f"models/diffusion_models/causal_forcing_framewise.pt\n  <- {CAUSAL_FORCING}  "
+                                "(file framewise/causal_forcing.pt, renamed)",
     "wan_vae": f"models/vae/wan_2.1_vae.safetensors\n  <- {WAN_REPACKAGED}  (split_files/vae/)",
 }
 MUTED = 2  # LiteGraph node mode "never": left out of the prompt until unmuted (Ctrl+M)
@@ -59,10 +62,9 @@ def prompt(key, text, column=2):
             "size": [420, 160], "widgets": {"text": text}}
 
 
-def model_loader():
+def model_loader(model_name="self_forcing_dmd.pt"):
     return {"key": "model", "type": "SelfForcingModelLoader", "column": 1,
-            "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto", "device": "default",
-                        "fp8": "off"}}
+            "widgets": {"model_name": model_name, "weight_dtype": "auto", "device": "default", "fp8": "off"}}
 
 
 def taehv_loader():
@@ -70,10 +72,10 @@ def taehv_loader():
             "widgets": {"decoder_name": "vae_approx/taew2_1.safetensors", "dtype": "fp32"}}
 
 
-def sampler(length=81, kv_window_frames=0, sink_frames=0):
+def sampler(length=81, kv_window_frames=0, sink_frames=0, steps="4 steps, shift 5 (paper)"):
     return {"key": "sampler", "type": "SelfForcingStreamingSampler", "column": 3,
             "widgets": {"width": 832, "height": 480, "length": length, "seed": 0, "control_after_generate": "fixed",
-                        "kv_window_frames": kv_window_frames, "sink_frames": sink_frames}}
+                        "steps": steps, "kv_window_frames": kv_window_frames, "sink_frames": sink_frames}}
 
 
 def video_out(prefix):
@@ -93,6 +95,19 @@ SPECS = {
                        "and shows it as a live preview.", ["generator", "text_encoder", "taehv"]),
                   *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[0]), sampler(),
                   *video_out("text_to_video")],
+        "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "framewise_low_latency": {
+        "nodes": [note("Frame-wise, low latency (Causal Forcing): every block is ONE latent frame (4 video "
+                       "frames), so the first frames appear after one block instead of three, and each is decoded "
+                       "and previewed as soon as it exists. The first block takes 4 steps; the 2- and 1-step "
+                       "presets (Causal Forcing++ checkpoints) run later blocks in fewer steps. Needs a frame-wise "
+                       "checkpoint: the Self Forcing one is chunk-wise and gives poor video here.",
+                       ["causal_forcing_framewise", "text_encoder", "taehv"]),
+                  *text_encoder(), model_loader("causal_forcing_framewise.pt"), taehv_loader(),
+                  prompt("positive", PROMPTS[0]), sampler(steps="Causal Forcing frame-wise, 4 steps"),
+                  *video_out("framewise")],
         "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
                   ["sampler", "images", "video", "images"], *VIDEO_LINKS],
     },
