@@ -102,15 +102,15 @@ WAN_T2V_1P3B = WanConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)  #
 
 
 def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Timestep features [cos | sin] in float64. t: [N] -> [N, width]."""
+    """Timestep features [cos | sin], computed in float64 on the CPU. t: [N] -> [N, width] float64 (CPU)."""
     half = width // 2
-    frequencies = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    angles = torch.outer(t.double(), frequencies)
+    frequencies = torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(t.detach().to("cpu", torch.float64), frequencies)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
 def rope_tables(head_dim: int) -> list[torch.Tensor]:
-    """RoPE angles for (time, height, width): each [ROPE_MAX_FRAMES, pairs_axis] float64.
+    """RoPE angles for (time, height, width): each [ROPE_MAX_FRAMES, pairs_axis] float64 (CPU).
 
     The head's head_dim/2 channel pairs split as time gets ``pairs - 2*(head_dim//6)``, height and
     width ``head_dim//6`` each (128 -> 22/21/21); each axis has its own frequency base width.
@@ -123,30 +123,65 @@ def rope_tables(head_dim: int) -> list[torch.Tensor]:
     return tables
 
 
-def apply_rope(x: torch.Tensor, tables: list[torch.Tensor], grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of q or k by 3D positions (absolute frame index for time).
+def grid_positions(frames, h: int, w: int) -> torch.Tensor:
+    """(frame, row, column) of every token of a frame-major grid. frames: F frame positions -> [F*h*w, 3] long."""
+    frames = torch.as_tensor(list(frames), dtype=torch.long)
+    return torch.stack(torch.meshgrid(frames, torch.arange(h), torch.arange(w), indexing="ij"), dim=-1).reshape(-1, 3)
 
-    x: [B, F*h*w, heads, head_dim] -> same shape and dtype; computed in float64 with real
-    arithmetic (the complex product written out, so compilers can fuse it).
+
+class RopeTable:
+    """cos/sin of the 3D RoPE angles, built in float64 on the CPU and handed to the device in the
+    compute dtype (devices without float64, such as MPS, never see it).
+
+    ``cos_sin(positions)`` serves any per-token (frame, row, column) positions; a position may be
+    negative (rotation backwards, e.g. to move cached keys to another frame). ``for_grid`` serves
+    a frame-major token grid and keeps the last few results, so the layers and the repeated calls
+    of a block (denoising steps, clean-context pass) share one table.
     """
-    frames, h, w = grid
-    if start_frame + frames > ROPE_MAX_FRAMES:
-        raise ValueError(f"latent frame {start_frame + frames - 1} is beyond the RoPE table "
-                         f"({ROPE_MAX_FRAMES} frames); the model cannot place frames that far")
-    time, height, width = (table.to(x.device) for table in tables)
-    angles = torch.cat([
-        time[start_frame:start_frame + frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
-        height[:h].view(1, h, 1, -1).expand(frames, h, w, -1),
-        width[:w].view(1, 1, w, -1).expand(frames, h, w, -1),
-    ], dim=-1).reshape(frames * h * w, 1, -1)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    del angles
-    pairs = x.to(torch.float64, copy=True).unflatten(-1, (-1, 2))  # rotated in place: low peak memory
-    real, imag = pairs[..., 0], pairs[..., 1]
-    new_real = real * cos - imag * sin
-    imag.mul_(cos).addcmul_(real, sin)
-    real.copy_(new_real)
-    return pairs.flatten(-2).to(x.dtype)
+
+    MEMO_SIZE = 8
+
+    def __init__(self, head_dim: int):
+        self.axis_angles = rope_tables(head_dim)
+        self.memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, positions: torch.Tensor, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [N, 3] integer (frame, row, column) -> (cos, signed sin), each [N, 1, head_dim] in
+        ``dtype`` on ``device``, laid out for ``apply_rope`` (pair i: cos_i, cos_i and -sin_i, +sin_i)."""
+        positions = positions.to("cpu", torch.long)
+        if (positions.abs() >= ROPE_MAX_FRAMES).any():
+            raise ValueError(f"RoPE position {int(positions.abs().max())} is beyond the table ({ROPE_MAX_FRAMES} "
+                             "positions per axis); the model cannot place frames that far")
+        sign = positions.sign().double()
+        angles = torch.cat([table[positions[:, axis].abs()] * sign[:, axis, None]  # angle(-p) = -angle(p)
+                            for axis, table in enumerate(self.axis_angles)], dim=1)
+        cos = angles.cos().repeat_interleave(2, dim=1)
+        sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)
+        return tuple(table[:, None].to(dtype).to(device) for table in (cos, sin))
+
+    def for_grid(self, frames, h: int, w: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos_sin`` of the frame-major grid of frame positions ``frames`` x h x w (remembered)."""
+        key = (tuple(frames), h, w, torch.device(device), dtype)
+        if max(key[0]) >= ROPE_MAX_FRAMES:
+            raise ValueError(f"latent frame {max(key[0])} is beyond the RoPE table ({ROPE_MAX_FRAMES} frames); "
+                             "the model cannot place frames that far")
+        if key not in self.memo:
+            if len(self.memo) >= self.MEMO_SIZE:
+                del self.memo[next(iter(self.memo))]
+            self.memo[key] = self.cos_sin(grid_positions(frames, h, w), device, dtype)
+        return self.memo[key]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of q or k by their positions' angles.
+
+    x: [B, N, heads, head_dim]; rope: (cos, signed sin) [N, 1, head_dim] from ``RopeTable``.
+    Computed in the tables' dtype (float32, or float64 for a float64 model); returns x's dtype.
+    """
+    cos, sin = rope
+    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+    swapped = wide.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return swapped.mul_(sin).addcmul_(wide, cos).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,8 +200,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -194,8 +228,9 @@ class SelfAttention(Projections):
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
         frame_tokens = grid[1] * grid[2]
 
-        def rotate(t, first_position):  # t: [B, n * frame_tokens, heads, head_dim]
-            return apply_rope(t, rope, (t.shape[1] // frame_tokens, *grid[1:]), first_position)
+        def rotate(t, first_position):  # t: [B, n * frame_tokens, heads, head_dim]; rope: the model's RopeTable
+            frames = range(first_position, first_position + t.shape[1] // frame_tokens)
+            return apply_rope(t, rope.for_grid(frames, *grid[1:], t.device, torch.promote_types(t.dtype, torch.float32)))
 
         # the cache places the call's frames (absolute or block-relativistic positions)
         position = start_frame if kv_cache is None else kv_cache.plan.position
@@ -266,20 +301,20 @@ class Block(nn.Module):
         return run(*args)
 
     def plain_forward(self, x, e0, context, grid, start_frame, rope, layer, kv_cache, mask):
+        """x: [B, F*hw, dim]; e0: [B, F, 6, dim] float32; rope: the model's ``RopeTable``."""
         frames = grid[0]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)
 
-        def modulate(h, shift, scale):  # h: [B, F*hw, dim]; shift/scale: [B, F, 1, dim]
-            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        def modulate(h, shift, scale):  # h * (1 + scale) + shift; h: [B, F*hw, dim]; shift/scale: [B, F, 1, dim]
+            return torch.addcmul(shift, h.unflatten(1, (frames, -1)), 1 + scale).flatten(1, 2).type_as(x)
 
-        def gated(y, gate):
-            return (y.unflatten(1, (frames, -1)) * gate).flatten(1, 2).type_as(x)
+        def add_gated(x, y, gate):  # x + y * gate
+            return torch.addcmul(x.unflatten(1, (frames, -1)), y.unflatten(1, (frames, -1)), gate).flatten(1, 2).type_as(x)
 
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1), grid, start_frame, rope, layer, kv_cache, mask)
-        x = x + gated(y, gate1)
+        x = add_gated(x, y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, layer, kv_cache)
-        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
-        return x + gated(y, gate2)
+        return add_gated(x, self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
 
 
 class Head(nn.Module):
@@ -314,7 +349,7 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self.rope = rope_tables(cfg.head_dim)  # plain attribute, not a buffer: not in state dicts
+        self.rope = RopeTable(cfg.head_dim)  # plain attribute, not a buffer: not in state dicts
 
     @property
     def dtype(self) -> torch.dtype:
@@ -377,7 +412,7 @@ class CausalWanModel(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major
 
         with torch.autocast(x.device.type, enabled=False):
-            features = sinusoidal_embedding(t.reshape(-1), cfg.freq_dim).to(tokens.dtype)
+            features = sinusoidal_embedding(t.reshape(-1), cfg.freq_dim).to(tokens.dtype).to(tokens.device)
             e = self.time_embedding(features)  # [B*F, dim]
             e0 = self.time_projection(e).float().view(batch, frames, 6, cfg.dim)
         e = e.view(batch, frames, cfg.dim)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from selfforcing_core.model import apply_rope, block_causal_mask, max_stream_latent_frames, rope_tables
+from selfforcing_core.model import (ROPE_MAX_FRAMES, RopeTable, apply_rope, block_causal_mask, grid_positions,
+                                    max_stream_latent_frames)
+from selfforcing_core.rollout import NoiseSource, sample_video
 from tiny import tiny_model, tiny_prompt
 
 
@@ -33,23 +35,62 @@ def test_block_causal_mask_with_window():
 
 
 def test_rope_rotates_adjacent_pairs_by_absolute_frame_position():
-    tables = rope_tables(head_dim=32)  # 16 pairs: 6 temporal, 5 height, 5 width
-    assert [t.shape[1] for t in tables] == [6, 5, 5]
+    table = RopeTable(head_dim=32)  # 16 pairs: 6 temporal, 5 height, 5 width
+    assert [t.shape[1] for t in table.axis_angles] == [6, 5, 5]
     x = torch.zeros(1, 1, 1, 32)
     x[..., 0] = 1.0  # pair 0 = (1, 0): the first temporal frequency, angle = position * 1
-    rotated = apply_rope(x, tables, grid=(1, 1, 1), start_frame=5)
+    rotated = apply_rope(x, table.for_grid([5], 1, 1, "cpu"))
     torch.testing.assert_close(rotated[0, 0, 0, :2], torch.tensor([torch.cos(torch.tensor(5.0)),
                                                                       torch.sin(torch.tensor(5.0))]))
     assert torch.equal(rotated[..., 2:], x[..., 2:])
 
 
 def test_the_last_block_a_stream_can_reach_fits_the_rope_table_and_the_next_does_not():
-    tables, block = rope_tables(head_dim=32), torch.zeros(1, 3, 1, 32)
+    table = RopeTable(head_dim=32)
     last = max_stream_latent_frames(frames_per_block=3)
     assert last % 3 == 0
-    apply_rope(block, tables, grid=(3, 1, 1), start_frame=last - 3)
+    table.for_grid(range(last - 3, last), 1, 1, "cpu")
     with pytest.raises(ValueError, match="beyond the RoPE table"):
-        apply_rope(block, tables, grid=(3, 1, 1), start_frame=last)
+        table.for_grid(range(last, last + 3), 1, 1, "cpu")
+
+
+def test_rope_equals_complex_float64_rotation_of_the_official_formula():
+    table, head_dim = RopeTable(head_dim=128), 128
+    frames, h, w = [4, 5, 6], 3, 5
+    x = torch.randn(2, len(frames) * h * w, 2, head_dim)
+    # Official: x as complex pairs times polar(1, angles) in complex128, angles cat over (t, h, w).
+    time, height, width = table.axis_angles
+    angles = torch.cat([time[frames].view(3, 1, 1, -1).expand(3, h, w, -1), height[:h].view(1, h, 1, -1).expand(3, h, w, -1),
+                        width[:w].view(1, 1, w, -1).expand(3, h, w, -1)], dim=-1).reshape(-1, 1, head_dim // 2)
+    expected = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * torch.polar(
+        torch.ones_like(angles), angles)).flatten(-2)
+    rotated = apply_rope(x, table.for_grid(frames, h, w, "cpu"))
+    assert rotated.dtype == torch.float32
+    # float32 rotation: each output is a two-term sum of products of |values| <= |x|, rounded a few times
+    torch.testing.assert_close(rotated.double(), expected, atol=8 * 2.0 ** -24 * x.abs().max().item(), rtol=0)
+    rotated64 = apply_rope(x.double(), table.for_grid(frames, h, w, "cpu", torch.float64))
+    torch.testing.assert_close(rotated64, expected, atol=1e-12, rtol=0)
+
+
+def test_rope_by_negative_positions_rotates_back():
+    table = RopeTable(head_dim=32)
+    positions = torch.tensor([[7, 2, 3], [300, 0, 1]])
+    x = torch.randn(1, 2, 1, 32, dtype=torch.float64)
+    there = apply_rope(x, table.cos_sin(positions, "cpu", torch.float64))
+    torch.testing.assert_close(apply_rope(there, table.cos_sin(-positions, "cpu", torch.float64)), x)
+    with pytest.raises(ValueError, match="beyond the table"):
+        table.cos_sin(torch.tensor([[ROPE_MAX_FRAMES, 0, 0]]), "cpu")
+
+
+def test_rope_grid_table_is_built_once_per_call_shape_and_shared_by_layers_and_calls():
+    model, prompt = tiny_model(num_layers=3), tiny_prompt()
+    built = []
+    build = model.rope.cos_sin
+    model.rope.cos_sin = lambda positions, device, dtype: built.append(positions) or build(positions, device, dtype)
+    sample_video(model, prompt, 2, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(0)))
+    # two blocks, each with 4 denoising calls and a clean-context call: one table per block
+    assert [p[:, 0].unique().tolist() for p in built] == [[0, 1, 2], [3, 4, 5]]
+    assert torch.equal(built[0], grid_positions([0, 1, 2], 2, 2))
 
 
 def test_per_frame_timesteps_modulate_each_frame():
