@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from .kv_cache import CacheRules, KVCache, WritePlan
-from .model import CausalWanModel
+from .model import CausalWanModel, RopeTable, apply_rope
 from .rollout import NoiseSource, RolloutState
 from .schedule import FlowMatchSchedule
 
@@ -50,21 +50,13 @@ def window_levels(window: int, first: int, last: int) -> dict[int, int]:
     return {block: (last if first == 0 else window) - block for block in range(first, last + 1)}
 
 
-def rotate_time(keys: torch.Tensor, time_angles: torch.Tensor, frames: int) -> torch.Tensor:
+def rotate_time(keys: torch.Tensor, rope: RopeTable, frames: int) -> torch.Tensor:
     """Move RoPE-rotated keys ``frames`` positions later in time (their spatial rotation unchanged).
 
-    keys: [B, L, heads, head_dim] with the temporal channel pairs first; time_angles: the model's
-    temporal RoPE table [positions, temporal pairs] (angle = position x frequency), so a rotation by
-    the angles of position ``frames`` composes with the stored one. Returns the same shape and dtype.
+    keys: [B, L, heads, head_dim]; rope: the model's ``RopeTable``. A rotation by the angles of
+    position (frames, 0, 0) composes with the stored one. Returns the same shape and dtype.
     """
-    angles = time_angles[frames].to(keys.device)
-    pairs = keys.double().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., :len(angles), 0], pairs[..., :len(angles), 1]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    rotated = pairs.clone()
-    rotated[..., :len(angles), 0] = real * cos - imag * sin
-    rotated[..., :len(angles), 1] = real * sin + imag * cos
-    return rotated.flatten(-2).to(keys.dtype)
+    return apply_rope(keys, rope.for_grid([frames], 1, 1, keys.device, torch.promote_types(keys.dtype, torch.float32)))
 
 
 class RollingForcingCache:
@@ -96,7 +88,7 @@ class RollingForcingCache:
         self.frame_seqlen = self.store_cache.frame_seqlen
         self.block_frames = frames_per_block
         self.attention_frames = attention_frames
-        self.time_angles = model.rope[0]
+        self.rope = model.rope
         self.kind = "joint"
         self.start_frame = self.num_frames = 0
 
@@ -138,7 +130,7 @@ class RollingForcingCache:
         cached_v = self.store_cache.v[layer][:, :valid * fs]
         recent = min(valid - anchor, self.attention_frames - self.num_frames - anchor)
         anchor_position = self.start_frame - recent - anchor
-        anchor_k = rotate_time(cached_k[:, :anchor * fs], self.time_angles, anchor_position)
+        anchor_k = rotate_time(cached_k[:, :anchor * fs], self.rope, anchor_position)
         recent_k, recent_v = cached_k[:, (valid - recent) * fs:], cached_v[:, (valid - recent) * fs:]
         return (torch.cat([anchor_k, recent_k, k.to(cached_k.dtype)], dim=1),
                 torch.cat([cached_v[:, :anchor * fs], recent_v, v.to(cached_v.dtype)], dim=1))

@@ -64,7 +64,8 @@ def run(root: Path) -> list[Comparison]:
         if "kv_cache_layer0_k" in expected:
             keys = expected["kv_cache_layer0_k"]
             grid = (cache.block_frames, *(n // p for n, p in zip(latents.shape[3:], model.cfg.patch_size[1:])))
-            anchor_keys = apply_rope(keys[:, :anchor].double(), model.rope, grid, 0)
+            anchor_keys = apply_rope(keys[:, :anchor].double(), model.rope.for_grid(range(grid[0]), *grid[1:], "cpu",
+                                                                                  torch.float64))
             results.append(compare(case.name, "kv_cache_layer0_k", store.k[0, :, :valid],
                                    torch.cat([anchor_keys.to(keys.dtype), keys[:, anchor:]], dim=1)))
             results.append(compare(case.name, "kv_cache_layer0_v", store.v[0, :, :valid], expected["kv_cache_layer0_v"]))
