@@ -105,7 +105,7 @@ def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
     """Timestep features [cos | sin], computed in float64 on the CPU. t: [N] -> [N, width] float64 (CPU)."""
     half = width // 2
     frequencies = torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half)
-    angles = torch.outer(t.detach().to("cpu", torch.float64), frequencies)
+    angles = torch.outer(t.detach().to("cpu").to(torch.float64), frequencies)  # cast on the CPU, never on the device
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 

@@ -45,11 +45,22 @@ class FlowMatchSchedule:
         return ((1 - sigma) * x0 + sigma * noise).to(noise.dtype)
 
     def x0_from_flow(self, x_t: torch.Tensor, flow: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Clean estimate ``x_t - sigma * flow``, computed in float64. x_t, flow: [B, F, C, H, W]; t: [B, F]."""
-        sigma = self.sigma(t.reshape(-1)).to(x_t.device, torch.float64).view(*x_t.shape[:2], 1, 1, 1)
-        return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+        """Clean estimate ``x_t - sigma * flow`` in float32 (float64 for float64 inputs), returned in
+        flow's dtype. x_t, flow: [B, F, C, H, W]; t: [B, F]."""
+        x_t, wide_flow = self.widen(x_t, flow)
+        return (x_t - self.frame_sigmas(t, x_t) * wide_flow).to(flow.dtype)
 
     def flow_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Flow ``(x_t - x0) / sigma`` that maps x_t to x0, in float64. Shapes as ``x0_from_flow``."""
-        sigma = self.sigma(t.reshape(-1)).to(x_t.device, torch.float64).view(*x_t.shape[:2], 1, 1, 1)
-        return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
+        """Flow ``(x_t - x0) / sigma`` that maps x_t to x0, computed as ``x0_from_flow``. Shapes as there."""
+        x_t, wide_x0 = self.widen(x_t, x0)
+        return ((x_t - wide_x0) / self.frame_sigmas(t, x_t)).to(x0.dtype)
+
+    @staticmethod
+    def widen(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both in float32, or float64 if either is float64 (never float64 for lower inputs)."""
+        dtype = torch.promote_types(torch.result_type(a, b), torch.float32)
+        return a.to(dtype), b.to(dtype)
+
+    def frame_sigmas(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-frame sigma [B, F, 1, 1, 1] of timesteps t [B, F], in like's dtype on its device."""
+        return self.sigma(t.reshape(-1)).to(like.dtype).to(like.device).view(*like.shape[:2], 1, 1, 1)
