@@ -13,6 +13,7 @@ names that ``CausalWanModel`` uses:
 A file is loaded completely or not at all: missing, unexpected or mis-shaped tensors raise
 ``CheckpointError`` naming the detected layout and the offending keys.
 """
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -193,14 +194,56 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
 
 def resolve_dtype(dtype, state_dict: dict, device="cpu") -> torch.dtype:
     """Compute dtype for loading: an explicit choice, or for "auto" bf16 on CUDA (fp16 where bf16
-    is unsupported) and the checkpoint's own float dtype elsewhere (bf16 for float8 files)."""
+    is unsupported), bf16 on a CPU with bf16 matrix instructions (``cpu_bf16_matrix_units``), and
+    the checkpoint's own float dtype elsewhere (bf16 for float8 files)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if torch.device(device).type == "cuda":
+        device_type = torch.device(device).type
+        if device_type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device_type == "cpu" and cpu_bf16_matrix_units():
+            return torch.bfloat16
         found = state_dict["patch_embedding.weight"].dtype
         return found if found in SUPPORTED_DTYPES.values() else torch.bfloat16
     if dtype not in SUPPORTED_DTYPES:
         raise CheckpointError(f"unsupported weight dtype {dtype!r}; choose auto, {', '.join(SUPPORTED_DTYPES)}")
     return SUPPORTED_DTYPES[dtype]
+
+
+def cpu_bf16_matrix_units() -> str | None:
+    """The CPU's bf16 matrix instructions ("AMX-BF16" or "AVX512-BF16"), or None without them.
+
+    Read from the CPU's feature flags (torch's own probe, else /proc/cpuinfo), not guessed from the
+    vendor. ``SELFFORCING_CPU_BF16=0`` (or ``1``) overrides the answer, e.g. to keep "auto" at fp32.
+    """
+    override = os.environ.get("SELFFORCING_CPU_BF16")
+    if override is not None:
+        return "forced by SELFFORCING_CPU_BF16=1" if override == "1" else None
+    flags = cpu_flags()
+    for name, flag, probe in (("AMX-BF16", "amx_bf16", "_is_amx_tile_supported"),
+                              ("AVX512-BF16", "avx512_bf16", "_is_avx512_bf16_supported")):
+        if flag in flags or getattr(torch.cpu, probe, lambda: False)():
+            return name
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        return set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return set()
+
+
+def describe_auto_dtype(dtype: torch.dtype, device) -> str:
+    """One line for a loader's info: what "auto" chose for ``device`` and why."""
+    name = str(dtype).removeprefix("torch.")
+    if torch.device(device).type == "cuda":
+        return f"dtype auto: {name} (CUDA)"
+    if torch.device(device).type == "cpu":
+        units = cpu_bf16_matrix_units()
+        if units:
+            return f"dtype auto: {name} (CPU bf16 matrix instructions: {units})"
+        return f"dtype auto: {name}, the file's precision (the CPU has no bf16 matrix instructions)"
+    return f"dtype auto: {name}, the file's precision"

@@ -9,7 +9,7 @@ device), then the FP8 compute path for that device, then compilation. ``report``
 """
 from dataclasses import dataclass
 
-from .checkpoint import load_generator
+from .checkpoint import describe_auto_dtype, load_generator
 from .compile import compile_blocks
 from .fp8 import FP8_FORMATS, GRANULARITIES, choose_fp8_matmul
 from .lora import merge_lora
@@ -39,8 +39,9 @@ def load_with_options(path_or_state_dict, options: RuntimeOptions = RuntimeOptio
     Returns (model, report lines)."""
     model = load_generator(path_or_state_dict, dtype=dtype, device="cpu", fp8=options.fp8,
                            fp8_granularity=options.fp8_granularity, compute_device=device, **load_kwargs)
-    report = [f"LoRA {index + 1}: {merge_lora(model, source, strength)} layers merged at strength {strength}"
-              for index, (source, strength) in enumerate(loras)]
+    report = [describe_auto_dtype(model.patch_embedding.weight.dtype, device)] if dtype == "auto" else []
+    report += [f"LoRA {index + 1}: {merge_lora(model, source, strength)} layers merged at strength {strength}"
+               for index, (source, strength) in enumerate(loras)]
     report += [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
     if options.compile:
         report.append(compile_blocks(model, device))

@@ -1,4 +1,5 @@
 """Shared test setup: make the repository importable and locate the shared fixtures."""
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+# dtype "auto" picks bf16 on CPUs with bf16 matrix instructions; tests (and the hosts and processes
+# they start) get the same choices on every machine. test_precision.py checks the detection itself.
+os.environ["SELFFORCING_CPU_BF16"] = "0"
 
 
 @pytest.fixture
