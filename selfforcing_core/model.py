@@ -149,12 +149,13 @@ class RopeTable:
         """positions: [N, 3] integer (frame, row, column) -> (cos, signed sin), each [N, 1, head_dim] in
         ``dtype`` on ``device``, laid out for ``apply_rope`` (pair i: cos_i, cos_i and -sin_i, +sin_i)."""
         positions = positions.to("cpu", torch.long)
-        if (positions.abs() >= ROPE_MAX_FRAMES).any():
-            raise ValueError(f"RoPE position {int(positions.abs().max())} is beyond the table ({ROPE_MAX_FRAMES} "
-                             "positions per axis); the model cannot place frames that far")
         sign = positions.sign().double()
-        angles = torch.cat([table[positions[:, axis].abs()] * sign[:, axis, None]  # angle(-p) = -angle(p)
-                            for axis, table in enumerate(self.axis_angles)], dim=1)
+        try:
+            angles = torch.cat([table[positions[:, axis].abs()] * sign[:, axis, None]  # angle(-p) = -angle(p)
+                                for axis, table in enumerate(self.axis_angles)], dim=1)
+        except IndexError:
+            raise ValueError(f"a RoPE position is beyond the table ({ROPE_MAX_FRAMES} positions per axis); "
+                             "the model cannot place frames that far") from None
         cos = angles.cos().repeat_interleave(2, dim=1)
         sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)
         return tuple(table[:, None].to(dtype).to(device) for table in (cos, sin))
