@@ -5,8 +5,8 @@ latent frame costs 2 (k, v) x 30 layers x 1560 tokens x 1536 channels x 2 bytes 
 Weights are counted from the model built on the meta device (exact for a given config, FP8 and
 offload included). Activations are the peak of the transient tensors of one block call in
 inference (no gradients), assuming a memory-efficient attention kernel (flash / SDPA efficient):
-the larger of the RoPE phase (q and k rotated in float32) and the FFN phase (two
-[tokens, ffn_dim] tensors). Decoders and the text encoder are not included.
+the larger of the q/k normalisation phase and the FFN phase (two [tokens, ffn_dim] tensors).
+Decoders and the text encoder are not included.
 
 The guards (``check_generation_fits``, ``check_encoding_fits``) compare these needs with the free
 memory before anything is allocated, so an impossible request is refused with both figures
@@ -67,15 +67,16 @@ def weight_bytes(cfg: WanConfig, dtype: torch.dtype = torch.bfloat16, fp8: str =
 def activation_bytes(cfg: WanConfig, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak transient bytes of one block call on ``tokens`` query tokens (batch included).
 
-    RoPE phase (rotating k): residual, modulated input, rotated q, k and rotated k (dtype), plus
-    below float32 k's float32 copy and its pair-swapped float32 copy; FFN phase: residual,
-    modulated input and output (dtype), the float32 modulation temporary, the hidden layer before
-    and after GELU. (The RoPE cos/sin tables are kept per grid, not transient.)
+    Normalisation phase (RMSNorm of k, the peak of attention; RoPE in float32 needs less): residual,
+    modulated input, rotated q, k's projection and the weighted result (dtype), k's square and
+    normalised form (float32), and below float32 k's float32 copy and the cast back; FFN phase:
+    residual, modulated input and output (dtype), the float32 modulation temporary, the hidden
+    layer before and after GELU. (The RoPE cos/sin tables are kept per grid, not transient.)
     """
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    rope_phase = tokens * cfg.dim * (5 * itemsize + (2 * 4 if itemsize < 4 else 0))
+    norm_phase = tokens * cfg.dim * (5 * itemsize + 2 * 4 + (4 + itemsize if itemsize < 4 else 0))
     ffn_phase = tokens * (cfg.dim * (3 * itemsize + 4) + 2 * cfg.ffn_dim * itemsize)
-    return max(rope_phase, ffn_phase)
+    return max(norm_phase, ffn_phase)
 
 
 def estimate_memory(cfg: WanConfig, height: int = 480, width: int = 832, kv_window_frames: int | None = None,

@@ -55,7 +55,7 @@ def peak_live_bytes(fn) -> int:
     return peak
 
 
-@pytest.mark.parametrize("dim, ffn_dim", [(512, 512), (256, 1536)])  # narrow and wide FFN
+@pytest.mark.parametrize("dim, ffn_dim", [(512, 512), (256, 1536)])  # normalisation-bound, FFN-bound
 def test_activation_estimate_matches_measured_peak_of_one_block_call(dim, ffn_dim):
     cfg = WanConfig(dim=dim, ffn_dim=ffn_dim, num_layers=1, num_heads=dim // 128, text_dim=64, text_len=32)
     model = CausalWanModel(cfg).eval()
