@@ -1,0 +1,220 @@
+"""Precision benchmark: fp32 before the hot-path trims, fp32 now, and bf16, side by side in one run.
+
+Prints figures; asserts nothing. Usage (real size: wrap in ``flock /tmp/heavy.lock``):
+    python benchmarks/bench_precision.py [--quick] [--layers 30] [--latents 8x8,16x16] [--blocks 7]
+
+* Models: the Wan2.1-T2V-1.3B architecture with random weights (``--layers`` of the real width;
+  ``--quick``: 2 layers, 8x8 latents). "before" is ``model.py`` as it was before the trims
+  (read from git at ``BEFORE_COMMIT``), sharing the fp32 weights of "fp32"; "bf16" holds them cast.
+* Timing: the three rollouts advance block by block in turn (same seed, noise and prompt), so
+  machine noise hits them alike. Per variant: the first block (text projection included) and the
+  median of the later ("steady") blocks, with the process's default threads. Times are the
+  process's CPU seconds divided by the thread count ("dedicated" seconds: the wall time the block
+  would take on idle cores; a shared machine stretches wall time by whatever else runs, and the
+  wall figures are printed beside them). Ratios use the dedicated seconds.
+* GFLOP/s: FLOPs of each block counted on fake tensors, over its dedicated time, against the GEMM
+  rate this machine reaches for the model's own linear shapes at the same row count (F.linear,
+  median of repeats, both dtypes, timed the same way).
+* Memory: peak resident memory above the block's start while it runs (sampled every 2 ms), i.e.
+  the transient activations; the weights are listed apart.
+* Error: relative L2 error of the bf16 rollout's latents (all blocks) against fp32.
+
+Ends with one line: ``bf16 vs fp32: X.XXx faster per block, relative error Y.Ye-Z`` (largest latent size).
+"""
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_flops  # noqa: E402,F401  (registers the CPU attention FLOP formula)
+import selfforcing_core  # noqa: E402
+from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
+from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
+
+BEFORE_COMMIT = "5c281c84fe8f398ef06713cfee2607e0364f69b9"  # model.py with float64 RoPE per layer, 5-op RMSNorm
+
+
+def before_model_class():
+    """``CausalWanModel`` of ``model.py`` at ``BEFORE_COMMIT``, imported inside this package."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE_COMMIT}:selfforcing_core/model.py"],
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("selfforcing_core.model_before")
+    module.__package__ = selfforcing_core.__name__
+    exec(compile(source, f"model.py@{BEFORE_COMMIT[:7]}", "exec"), module.__dict__)
+    return module.CausalWanModel
+
+
+def build(model_class, state_dict, dtype) -> torch.nn.Module:
+    """A model of ``model_class`` holding ``state_dict`` (shared when the dtype matches, else cast)."""
+    cfg = WanConfig.from_state_dict(state_dict)
+    with torch.device("meta"):
+        model = model_class(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+class PeakRSS:
+    """Samples resident memory in a thread; ``peak_above_start()`` after a ``with`` block."""
+
+    def __init__(self):
+        self.start = self.peak = rss_bytes()
+        self.running = False
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    def peak_above_start(self) -> int:
+        return self.peak - self.start
+
+
+def block_flops(cfg: WanConfig, latent_hw, num_blocks: int) -> list[int]:
+    """FLOPs of each block of a cached rollout (4 denoising calls + the clean pass), on fake tensors."""
+    counts = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = CausalWanModel(cfg).eval().requires_grad_(False)
+        prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
+        cache = model.new_kv_cache(*latent_hw, capacity_frames=3 * num_blocks)
+        for index in range(num_blocks):
+            with FlopCounterMode(display=False) as counter:
+                for _ in range(5):
+                    model(torch.zeros(1, 3, cfg.in_dim, *latent_hw), torch.zeros(1, 3), prompt, kv_cache=cache,
+                          start_frame=3 * index)
+            counts.append(counter.get_total_flops())
+    return counts
+
+
+def dedicated_seconds() -> float:
+    """CPU seconds of this process over its thread count (see the module docstring)."""
+    return time.process_time() / torch.get_num_threads()
+
+
+def gemm_rate(cfg: WanConfig, rows: int, dtype, repeats: int = 5) -> float:
+    """FLOP/s of one layer's linears (self q/k/v/o, cross q/o, FFN up/down) at ``rows`` input rows."""
+    shapes = [(cfg.dim, cfg.dim)] * 6 + [(cfg.dim, cfg.ffn_dim), (cfg.ffn_dim, cfg.dim)]
+    operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype))
+                for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+    times = []
+    for _ in range(repeats + 1):
+        start = dedicated_seconds()
+        for x, w, b in operands:
+            F.linear(x, w, b)
+        times.append(dedicated_seconds() - start)
+    return flops / statistics.median(times[1:])
+
+
+def run_size(variants: dict, cfg: WanConfig, latent_hw, num_blocks: int, before_blocks: int, prompt) -> dict:
+    """Run every variant's rollout block by block in turn; per variant: block times, memory, latents."""
+    streams = {name: stream_blocks(model, prompt, num_blocks if name != "before" else before_blocks,
+                                   (cfg.in_dim, *latent_hw), noise=NoiseSource(torch.Generator().manual_seed(7)))
+               for name, model in variants.items()}
+    results = {name: {"times": [], "wall": [], "memory": [], "latents": []} for name in variants}
+    for block in range(num_blocks):
+        for name, stream in streams.items():
+            if name == "before" and block >= before_blocks:
+                continue
+            with PeakRSS() as memory:
+                start, wall = dedicated_seconds(), time.perf_counter()
+                latents = next(stream)
+                elapsed, wall = dedicated_seconds() - start, time.perf_counter() - wall
+            results[name]["times"].append(elapsed)
+            results[name]["wall"].append(wall)
+            results[name]["memory"].append(memory.peak_above_start())
+            results[name]["latents"].append(latents.float())
+            print(f"  {latent_hw[0]}x{latent_hw[1]} block {block} {name:>6}: {elapsed:7.2f} s ({wall:.2f} s wall)",
+                  flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 layers, 8x8 latents (a few minutes)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers of the real width (default 30)")
+    parser.add_argument("--latents", default=None, help="latent sizes, e.g. 8x8,16x16")
+    parser.add_argument("--blocks", type=int, default=7, help="blocks per fp32 / bf16 rollout (the error's clip)")
+    parser.add_argument("--before-blocks", type=int, default=4, help="blocks of the 'before' rollout")
+    args = parser.parse_args()
+    layers = args.layers or (2 if args.quick else WAN_T2V_1P3B.num_layers)
+    sizes = [tuple(int(n) for n in size.split("x")) for size in (args.latents or ("8x8" if args.quick else "8x8,16x16")).split(",")]
+    cfg = WanConfig(dim=WAN_T2V_1P3B.dim, ffn_dim=WAN_T2V_1P3B.ffn_dim, num_layers=layers,
+                    num_heads=WAN_T2V_1P3B.num_heads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; {layers} layers of the 1.3B width; before = model.py at "
+          f"{BEFORE_COMMIT[:7]}", flush=True)
+
+    torch.manual_seed(0)
+    state_dict = CausalWanModel(cfg).state_dict()
+    variants = {"before": build(before_model_class(), state_dict, torch.float32),
+                "fp32": build(CausalWanModel, state_dict, torch.float32),
+                "bf16": build(CausalWanModel, state_dict, torch.bfloat16)}
+    del state_dict
+    prompt = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(3))
+    weight_gb = {name: sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+                 for name, model in variants.items()}
+    print("weights: " + ", ".join(f"{name} {gb:.2f} GB" for name, gb in weight_gb.items())
+          + " (before shares fp32's tensors)")
+
+    summary = None
+    for latent_hw in sizes:
+        rows = 3 * (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        rates = {"fp32": gemm_rate(cfg, rows, torch.float32), "bf16": gemm_rate(cfg, rows, torch.bfloat16)}
+        rates["before"] = rates["fp32"]
+        flops = block_flops(cfg, latent_hw, args.blocks)
+        print(f"\n{latent_hw[0]}x{latent_hw[1]} latents ({rows} query tokens per call); GEMM rate at these shapes: "
+              f"fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+        results = run_size(variants, cfg, latent_hw, args.blocks, args.before_blocks, prompt)
+        steady = {name: statistics.median(r["times"][1:]) for name, r in results.items()}
+        print(f"{'variant':>8} {'first block':>12} {'steady block':>13} {'(wall)':>9} {'GFLOP/s':>8} "
+              f"{'of GEMM rate':>13} {'peak transient MB':>18}")
+        for name, r in results.items():
+            achieved = statistics.median(f / t for f, t in zip(flops[1:len(r['times'])], r["times"][1:]))
+            print(f"{name:>8} {r['times'][0]:>10.2f} s {steady[name]:>11.2f} s "
+                  f"{statistics.median(r['wall'][1:]):>7.2f} s {achieved / 1e9:>8.1f} "
+                  f"{achieved / rates[name]:>12.0%} {max(r['memory']) / 2**20:>18.0f}")
+        fp32 = torch.cat(results["fp32"]["latents"], dim=1)
+        bf16 = torch.cat(results["bf16"]["latents"], dim=1)
+        before = torch.cat(results["before"]["latents"], dim=1)
+        error = ((bf16 - fp32).norm() / fp32.norm()).item()
+        speedup, trims = steady["fp32"] / steady["bf16"], steady["before"] / steady["fp32"]
+        print(f"fp32 vs before the trims: {trims:.2f}x faster per steady block, peak transient "
+              f"{max(results['fp32']['memory']) / 2**20:.0f} vs {max(results['before']['memory']) / 2**20:.0f} MB, "
+              f"max |difference| of the latents {(fp32[:, :before.shape[1]] - before).abs().max().item():.1e}")
+        print(f"bf16 vs fp32 ({latent_hw[0]}x{latent_hw[1]}): {speedup:.2f}x faster per steady block, relative error "
+              f"of the {args.blocks}-block rollout's latents {error:.1e}", flush=True)
+        summary = (speedup, error)
+    print(f"bf16 vs fp32: {summary[0]:.2f}x faster per block, relative error {summary[1]:.1e}")
+
+
+if __name__ == "__main__":
+    main()
