@@ -160,6 +160,7 @@ class RopeTable:
         sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)
         return tuple(table[:, None].to(dtype).to(device) for table in (cos, sin))
 
+    @torch.compiler.disable  # a table lookup: eager under torch.compile (no guards on the memo's keys)
     def for_grid(self, frames, h: int, w: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos_sin`` of the frame-major grid of frame positions ``frames`` x h x w (remembered)."""
         key = (tuple(frames), h, w, torch.device(device), dtype)
@@ -226,19 +227,19 @@ class Projections(nn.Module):
 
 class SelfAttention(Projections):
     def forward(self, x, grid, start_frame, rope, layer, kv_cache: KVCache | None, mask):
+        """rope: (the model's ``RopeTable``, (cos, sin) of x's tokens at the positions the cache gives them)."""
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
         frame_tokens = grid[1] * grid[2]
+        table, call_rope = rope
 
-        def rotate(t, first_position):  # t: [B, n * frame_tokens, heads, head_dim]; rope: the model's RopeTable
+        def rotate(t, first_position):  # for the cache: t [B, n * frame_tokens, heads, head_dim]
             frames = range(first_position, first_position + t.shape[1] // frame_tokens)
-            return apply_rope(t, rope.for_grid(frames, *grid[1:], t.device, torch.promote_types(t.dtype, torch.float32)))
+            return apply_rope(t, table.for_grid(frames, *grid[1:], t.device, torch.promote_types(t.dtype, torch.float32)))
 
-        # the cache places the call's frames (absolute or block-relativistic positions)
-        position = start_frame if kv_cache is None else kv_cache.plan.position
-        q = rotate(self.norm_q(self.q(x)).view(heads), position)
+        q = apply_rope(self.norm_q(self.q(x)).view(heads), call_rope)
         k = self.norm_k(self.k(x)).view(heads)
         if kv_cache is None or kv_cache.rules.rope == "absolute":
-            k = rotate(k, position)  # before v exists: a lower peak
+            k = apply_rope(k, call_rope)  # before v exists: a lower peak
         v = self.v(x).view(heads)
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v, rotate)
@@ -302,7 +303,7 @@ class Block(nn.Module):
         return run(*args)
 
     def plain_forward(self, x, e0, context, grid, start_frame, rope, layer, kv_cache, mask):
-        """x: [B, F*hw, dim]; e0: [B, F, 6, dim] float32; rope: the model's ``RopeTable``."""
+        """x: [B, F*hw, dim]; e0: [B, F, 6, dim] float32; rope: see ``SelfAttention.forward``."""
         frames = grid[0]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)
 
@@ -438,8 +439,12 @@ class CausalWanModel(nn.Module):
         else:
             raise ValueError(f"unknown attention mode {mode!r}: use cached, block_causal or bidirectional")
 
+        # the cache places the call's frames (absolute or block-relativistic positions)
+        position = start_frame if kv_cache is None else kv_cache.plan.position
+        rope = (self.rope, self.rope.for_grid(range(position, position + grid[0]), *grid[1:], tokens.device,
+                                              torch.promote_types(tokens.dtype, torch.float32)))
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context, grid, start_frame, self.rope, layer, kv_cache, mask)
+            tokens = block(tokens, e0, context, grid, start_frame, rope, layer, kv_cache, mask)
 
         out = self.head(tokens, e, frames)  # [B, F, h*w, out_dim * pt*ph*pw]
         return self.unpatchify(out, grid)
