@@ -2,6 +2,8 @@
 
 Only ComfyUI imports this file. The core library (``selfforcing_core``) never imports ComfyUI.
 """
+WEB_DIRECTORY = "./web"  # the live player (web/live_player.js), loaded by the host's frontend
+
 try:
     from .nodes import comfy_entrypoint  # noqa: F401
 except ModuleNotFoundError as error:  # imported outside a ComfyUI host (e.g. by tooling)

@@ -3,8 +3,8 @@ from comfy_api.latest import io
 
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
 from .common import CATEGORY, StreamingDecoder, block_reporter
-from .sampler import (check_memory, check_sampler_inputs, sampler_inputs, sampler_output, sampler_outputs,
-                      sampling_arguments, total_blocks)
+from .sampler import (check_memory, check_sampler_inputs, live_inputs, live_run, sampler_inputs, sampler_output,
+                      sampler_outputs, sampling_arguments, total_blocks)
 
 KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
 
@@ -69,31 +69,34 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
                 io.Combo.Input("image_fit", options=list(FIT_MODES), default="crop",
                                tooltip="Images of another size: crop (scale and centre-crop, keeps the aspect), "
                                        "resize (stretch) or reject (error)."),
-            ],
+            ] + live_inputs(),
             outputs=sampler_outputs(),
         )
 
     @classmethod
     def validate_inputs(cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
                         sink_frames=None, method=None, image_fit=None):
+        if length == 0:
+            return "length 0 (until Stop) is for the streaming sampler; the keyframe sampler needs 4n + 1 frames"
         return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames,
                                     method=method, image_fit=image_fit)
 
     @classmethod
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
-                method="guidance", ramp_frames=5, image_fit="crop", **inputs):
+                method="guidance", ramp_frames=5, image_fit="crop", clip=None, record=False, **inputs):
         arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
         images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
         if end_image is not None:
             images.append((inputs["length"] - 1, first_image(end_image), end_strength))
         encoder = encoder or inputs.get("decoder")
-        video = generate_keyframed_video(
-            **arguments, encode=encoder.encode_video if encoder is not None else None,
-            start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
-            fit=image_fit, method=method, ramp_frames=ramp_frames,
-            callback=block_reporter(total_blocks(arguments)))
-        return sampler_output(video, family)
+        with live_run(clip, record, inputs["width"], inputs["height"], inputs["length"]) as run:
+            video = generate_keyframed_video(
+                **arguments, encode=encoder.encode_video if encoder is not None else None,
+                start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
+                fit=image_fit, method=method, ramp_frames=ramp_frames, live=run.steering,
+                callback=run.on_block(block_reporter(total_blocks(arguments))))
+        return sampler_output(video, family, run)
 
 
 NODES = [SelfForcingKeyframeSampler, SelfForcingKeyframe]

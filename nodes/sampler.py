@@ -4,6 +4,7 @@ import logging
 from dataclasses import replace
 
 from comfy_api.latest import io
+from comfy_execution.utils import get_executing_context
 
 from ..selfforcing_core.families import FAMILIES
 from ..selfforcing_core.generate import generate_video
@@ -16,6 +17,7 @@ from ..selfforcing_core.schedule import DEFAULT_STEPS
 from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size, pixel_size, video_frames_for
 from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter, check_inputs,
                      prompt_tensor, to_image, to_latent)
+from .live import LiveRun
 
 # Preset label -> checkpoint family: the two Self Forcing step presets first (labels kept for saved
 # workflows), then every other family by name.
@@ -41,10 +43,10 @@ def sampler_inputs():
                      tooltip="Video width in pixels, a multiple of 16 (the model was trained at 832x480)."),
         io.Int.Input("height", default=480, min=16, max=4096, step=16,
                      tooltip="Video height in pixels, a multiple of 16."),
-        io.Int.Input("length", default=81, min=1, max=MAX_LENGTH, step=4,
-                     tooltip="Video frames, 4n + 1 (81 = 5 s at 16 fps). Generated in blocks of 12 frames; "
-                             f"longer than 81 needs a KV window. At most {MAX_LENGTH}: the model places "
-                             "frames by absolute position."),
+        io.Int.Input("length", default=81, min=0, max=MAX_LENGTH,
+                     tooltip="Video frames, 4n + 1 (81 = 5 s at 16 fps), or 0: until Stop is pressed in the node "
+                             "(needs a KV window). Generated in blocks of 12 frames; longer than 81 needs a KV "
+                             f"window. At most {MAX_LENGTH}: the model places frames by absolute position."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="All noise comes from this seed (same result on any device)."),
         io.Combo.Input("steps", options=list(PRESETS), default=DEFAULT_PRESET,
@@ -75,6 +77,19 @@ def sampler_inputs():
     ]
 
 
+def live_inputs():
+    """Inputs of both samplers for live use, after all others (saved workflows keep values by position)."""
+    return [
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Text encoder (umT5, CLIPLoader type wan) for prompts typed into the node's player "
+                              "while it runs; they take over at the next block. Without it, typed text names a "
+                              "saved prompt embedding."),
+        io.Boolean.Input("record", default=False, optional=True,
+                         tooltip="Append every block to output/self_forcing/live_NNNNN_record.mp4 as it is made, "
+                                 "so a crash or Cancel keeps what was generated."),
+    ]
+
+
 def sampler_outputs():
     return [io.Latent.Output(display_name="latent", tooltip="Wan 2.1 LATENT (raw VAE space): VAE Decode works on it."),
             io.Image.Output(display_name="images", tooltip="Decoded frames (one black frame without a decoder)."),
@@ -92,7 +107,7 @@ def sampling_arguments(model, positive, width, height, length, seed, steps, kv_w
                 for frame, cond in prompt_schedule or []]
     settings = family.settings(prompt_switches=switches, **({"kv_window_frames": kv_window_frames}
                                                             if kv_window_frames else {}), sink_frames=sink_frames)
-    return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length),
+    return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length) if length else 0,
                 latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), family
 
 
@@ -103,19 +118,23 @@ def total_blocks(arguments: dict) -> int:
 
 
 def check_memory(arguments: dict) -> None:
-    """Refuse, before allocating, a generation (``sampling_arguments``) that cannot fit."""
+    """Refuse, before allocating, a generation (``sampling_arguments``) that cannot fit (a stream until
+    Stop: its window; its outputs grow with every block)."""
     height, width = pixel_size(arguments["latent_hw"])
-    check_generation_fits(arguments["model"], height, width, arguments["settings"].kv_window_frames,
-                          arguments["latent_frames"], decoded=arguments["decoder"] is not None,
-                          batch_size=arguments["prompt"].shape[0])
+    settings = arguments["settings"]
+    check_generation_fits(arguments["model"], height, width, settings.kv_window_frames,
+                          arguments["latent_frames"] or settings.kv_window_frames,
+                          decoded=arguments["decoder"] is not None, batch_size=arguments["prompt"].shape[0])
 
 
-def check_sizes(width=None, height=None, length=None):
+def check_sizes(width=None, height=None, length=None, kv_window_frames=None):
     """Raise a ValueError for pixel sizes the generator cannot make (None: linked from another
-    node, checked when the node runs)."""
+    node, checked when the node runs); length 0 (until Stop) needs a rolling window."""
     if width is not None and height is not None:
         latent_size(width, height)
-    if length is not None:
+    if length == 0 and kv_window_frames == 0:
+        raise ValueError("length 0 runs until Stop and needs a rolling KV window: set kv_window_frames (e.g. 21)")
+    if length:
         latent_frames_for(length)
 
 
@@ -124,19 +143,29 @@ def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=N
     """validate_inputs of both samplers: sizes, the window against its sink, and the combos."""
     return check_inputs(node_cls, dict(width=width, height=height, length=length, steps=steps,
                                        kv_window_frames=kv_window_frames, sink_frames=sink_frames, **combos),
-                        width=lambda: check_sizes(width, height, length),
+                        width=lambda: check_sizes(width, height, length, kv_window_frames),
                         kv_window_frames=lambda: check_window(kv_window_frames, sink_frames or 0))
 
 
-def sampler_output(video, family):
+def sampler_output(video, family, run: LiveRun):
     """LATENT, IMAGE and info outputs; without a decoder the IMAGE is one black frame of the video's
-    size; ``info`` opens with what ran (family, block plan, step lists, sampler)."""
+    size; ``info`` opens with what ran (family, block plan, step lists, sampler), then live switches
+    and the stop; the prompt log's name is shown in the node."""
     frames = video.frames
     if frames is None:
         frames = video.latents.new_zeros(1, 1, 3, *pixel_size(video.latents.shape[-2:]))
-    report = f"{family.describe()}\n{video.report}"
-    logging.info("Self-Forcing sampler: %s", report)
-    return io.NodeOutput(to_latent(video.latents), to_image(frames), report)
+    prompt_log = run.write_prompt_log(frames.shape[1] if video.frames is not None else 0)
+    info = "\n".join(part for part in (family.describe(), video.report, run.summary(),
+                                       prompt_log and f"prompt log: {prompt_log}") if part)
+    logging.info("Self-Forcing sampler: %s", info)
+    return io.NodeOutput(to_latent(video.latents), to_image(frames), info,
+                         ui={"selfforcing_live": [{"info": info, "prompt_log": prompt_log}]})
+
+
+def live_run(clip, record: bool, width: int, height: int, length: int, prefill_latent_frames: int = 0) -> LiveRun:
+    """The live side (steering, player frames, recording) of the sampler node running now."""
+    context = get_executing_context()
+    return LiveRun(context.prompt_id, context.node_id, clip, record, (width, height), length, prefill_latent_frames)
 
 
 class SelfForcingStreamingSampler(io.ComfyNode):
@@ -148,7 +177,7 @@ class SelfForcingStreamingSampler(io.ComfyNode):
             category=CATEGORY,
             description="Generates video block by block (3 latent frames, 4 steps each) with a KV cache; "
                         "each block is decoded and previewed while the next one is generated.",
-            inputs=sampler_inputs(),
+            inputs=sampler_inputs() + live_inputs(),
             outputs=sampler_outputs(),
         )
 
@@ -158,11 +187,13 @@ class SelfForcingStreamingSampler(io.ComfyNode):
         return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames)
 
     @classmethod
-    def execute(cls, **inputs):
+    def execute(cls, clip=None, record=False, **inputs):
         arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
-        video = generate_video(**arguments, callback=block_reporter(total_blocks(arguments)))
-        return sampler_output(video, family)
+        with live_run(clip, record, inputs["width"], inputs["height"], inputs["length"]) as run:
+            video = generate_video(**arguments, live=run.steering,
+                                   callback=run.on_block(block_reporter(total_blocks(arguments))))
+        return sampler_output(video, family, run)
 
 
 class SelfForcingPromptSchedule(io.ComfyNode):

@@ -72,10 +72,11 @@ def taehv_loader():
             "widgets": {"decoder_name": "vae_approx/taew2_1.safetensors", "dtype": "fp32"}}
 
 
-def sampler(length=81, kv_window_frames=0, sink_frames=0, steps="4 steps, shift 5 (paper)"):
+def sampler(length=81, kv_window_frames=0, sink_frames=0, steps="4 steps, shift 5 (paper)", record=False):
     return {"key": "sampler", "type": "SelfForcingStreamingSampler", "column": 3,
             "widgets": {"width": 832, "height": 480, "length": length, "seed": 0, "control_after_generate": "fixed",
-                        "steps": steps, "kv_window_frames": kv_window_frames, "sink_frames": sink_frames}}
+                        "steps": steps, "kv_window_frames": kv_window_frames, "sink_frames": sink_frames,
+                        "record": record}}
 
 
 def video_out(prefix):
@@ -109,6 +110,21 @@ SPECS = {
                   prompt("positive", PROMPTS[0]), sampler(steps="Causal Forcing frame-wise, 4 steps"),
                   *video_out("framewise")],
         "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "live_stream": {
+        "nodes": [note("Live stream: queue it and watch the video play in the sampler node as it is generated. "
+                       "Type a new prompt into the box under the player and press Enter: it takes over at the "
+                       "next block (12 frames) and the scene carries on. Length 0 runs until you press Stop, "
+                       "which ends the stream after the current block and keeps everything: Save Video writes "
+                       "every frame. record appends each block to output/self_forcing/live_NNNNN_record.mp4 as "
+                       "it is made; live_NNNNN_prompt_log.json beside it lists every switch with its frame. "
+                       "The host's Cancel discards the run (the recording keeps what was made).",
+                       ["generator", "text_encoder", "taehv"]),
+                  *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[0]),
+                  {**sampler(length=0, kv_window_frames=21, sink_frames=3, record=True), "size": [420, 760]},
+                  *video_out("live")],
+        "links": [*SAMPLER_LINKS, ["clip", "CLIP", "sampler", "clip"], ["decoder", "decoder", "sampler", "decoder"],
                   ["sampler", "images", "video", "images"], *VIDEO_LINKS],
     },
     "long_video_prompt_schedule": {
