@@ -87,10 +87,10 @@ class LiveRun:
         encode, self.check_text = live_text_encoder(clip)
         self.steering = LiveSteering(encode)
         self.client_id = PromptServer.instance.client_id  # the tab that queued the prompt (None: an API call)
-        self.prefill = prefill_latent_frames
         self.length = length  # video frames of the output (0: until stopped); the last block is trimmed to it
         self.latent_frames = prefill_latent_frames
         self.blocks_done = 0
+        self.block_first_frames: dict[int, int] = {}  # block -> its first video frame in the output
         self.folder, self.stem, self.recorder = None, None, None
         if record:
             self.folder, self.stem = output_stem("_record.mp4")
@@ -120,7 +120,7 @@ class LiveRun:
         """Wrap the host reporter (progress, preview, interrupt check): then hand the block's frames to the worker."""
         def on_block(block, num_blocks, latents, frames):
             report(block, num_blocks, latents, frames)
-            first_frame = video_frames_for(self.latent_frames)
+            first_frame = self.block_first_frames[block] = video_frames_for(self.latent_frames)
             self.latent_frames += latents.shape[1]
             if frames is not None and self.length:
                 frames = frames[:, :max(0, self.length - first_frame)]
@@ -160,9 +160,9 @@ class LiveRun:
                                             self.client_id)
 
     # -- what the run leaves behind -------------------------------------------------------------
-    def switch_frame(self, event) -> int:
-        """First video frame generated under a live prompt taken at ``event.block``."""
-        return video_frames_for(self.prefill + 3 * event.block)
+    def switch_frame(self, event) -> int | None:
+        """First video frame generated under a live prompt taken at ``event.block`` (None: never generated)."""
+        return self.block_first_frames.get(event.block)
 
     def summary(self) -> str:
         """Lines for the sampler's info output: every live switch with its frame, and the stop."""
@@ -181,7 +181,7 @@ class LiveRun:
         log = {"prompt_id": self.prompt_id, "node": self.node_id, "fps": FPS, "frames": total_frames,
                "record": f"{self.stem}_record.mp4" if self.recorder is not None else None,
                "events": [{"kind": e.kind, "text": e.text, "block": e.block,
-                           "frame": self.switch_frame(e) if e.block is not None else None,
+                           "frame": self.switch_frame(e),
                            "requested_at": e.requested_at, "applied_at": e.applied_at} for e in self.steering.log]}
         path = os.path.join(self.folder, f"{self.stem}_prompt_log.json")
         if os.path.exists(path):
