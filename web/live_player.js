@@ -137,6 +137,8 @@ function makePlayer(node) {
   });
   widget.serialize = false; // not a saved value: workflows keep widget values by position
   node.selfForcingLive = player;
+  // The player shows every frame: no host preview image (the newest frame per block) under it as well.
+  Object.defineProperty(node, "imgs", { get: () => undefined, set: () => {}, configurable: true });
   const [width, height] = node.size;
   node.setSize([Math.max(width, 360), height]);
   return player;
