@@ -81,14 +81,12 @@ def output_stem(suffix: str) -> tuple[str, str]:
 class LiveRun:
     """One running sampler node: its steering, the frame worker, the recording and the prompt log."""
 
-    def __init__(self, prompt_id: str, node_id: str, clip, record: bool, size: tuple[int, int],
-                 length: int = 0, prefill_latent_frames: int = 0):
+    def __init__(self, prompt_id: str, node_id: str, clip, record: bool, size: tuple[int, int], length: int = 0):
         self.prompt_id, self.node_id = prompt_id, node_id
         encode, self.check_text = live_text_encoder(clip)
         self.steering = LiveSteering(encode)
         self.client_id = PromptServer.instance.client_id  # the tab that queued the prompt (None: an API call)
         self.length = length  # video frames of the output (0: until stopped); the last block is trimmed to it
-        self.latent_frames = prefill_latent_frames
         self.blocks_done = 0
         self.block_first_frames: dict[int, int] = {}  # block -> its first video frame in the output
         self.folder, self.stem, self.recorder = None, None, None
@@ -118,10 +116,10 @@ class LiveRun:
 
     def on_block(self, report):
         """Wrap the host reporter (progress, preview, interrupt check): then hand the block's frames to the worker."""
-        def on_block(block, num_blocks, latents, frames):
-            report(block, num_blocks, latents, frames)
-            first_frame = self.block_first_frames[block] = video_frames_for(self.latent_frames)
-            self.latent_frames += latents.shape[1]
+        def on_block(info: dict):
+            report(info)
+            block, frames = info["block"], info["frames"]
+            first_frame = self.block_first_frames[block] = video_frames_for(info["start_frame"])
             if frames is not None and self.length:
                 frames = frames[:, :max(0, self.length - first_frame)]
             self.blocks_done = block + 1

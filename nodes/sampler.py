@@ -162,10 +162,10 @@ def sampler_output(video, family, run: LiveRun):
                          ui={"selfforcing_live": [{"info": info, "prompt_log": prompt_log}]})
 
 
-def live_run(clip, record: bool, width: int, height: int, length: int, prefill_latent_frames: int = 0) -> LiveRun:
+def live_run(clip, record: bool, width: int, height: int, length: int) -> LiveRun:
     """The live side (steering, player frames, recording) of the sampler node running now."""
     context = get_executing_context()
-    return LiveRun(context.prompt_id, context.node_id, clip, record, (width, height), length, prefill_latent_frames)
+    return LiveRun(context.prompt_id, context.node_id, clip, record, (width, height), length)
 
 
 class SelfForcingStreamingSampler(io.ComfyNode):

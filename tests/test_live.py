@@ -7,6 +7,7 @@ import torch
 from selfforcing_core.live import LiveRequestError, LiveSteering
 from selfforcing_core.model import ROPE_MAX_FRAMES
 from selfforcing_core.generate import generate_video
+from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.rollout import PromptSwitch, StreamSettings
 from tiny import tiny_model, tiny_prompt
 
@@ -91,6 +92,20 @@ def test_an_endless_stream_ends_cleanly_at_the_end_of_the_rope_table(model, monk
     video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, settings=StreamSettings(kv_window_frames=6))
     assert video.latents.shape[1] == 9 and "end of the model's RoPE table (9 latent frames)" in video.report
     assert ROPE_MAX_FRAMES == 1024
+
+
+def test_with_relative_rope_a_stream_until_stop_runs_past_the_rope_table(model, monkeypatch):
+    import selfforcing_core.model as model_module
+    import selfforcing_core.rollout as rollout
+
+    for module in (rollout, model_module):
+        monkeypatch.setattr(module, "ROPE_MAX_FRAMES", 10)  # absolute positions would end at latent frame 9
+    steering = LiveSteering(PROMPTS.__getitem__)
+    video = generate_video(model, PROMPTS["cat"], 0, HW, seed=2, live=steering,
+                           callback=steer_during({5: LiveSteering.request_stop}, steering),
+                           settings=StreamSettings(kv_window_frames=6, sink_frames=3,
+                                                   cache_rules=CacheRules(rope="relative")))
+    assert video.latents.shape[1] == 18 and "stopped after block 6" in video.report
 
 
 def test_bad_requests_get_clear_answers_and_leave_the_stream_alone():
