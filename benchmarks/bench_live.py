@@ -11,8 +11,8 @@ blocks; the first run of each kind is a warm-up. The delay is measured in the br
 browser's clock at the draw of a block's first frame minus the server's clock at the block's end
 (same machine).
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_live.py [--runs 4] [--length 61]
-        [--width 320 --height 192] [--dim 1024 --layers 8]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_live.py [--runs 3] [--length 37]
+        [--width 320 --height 192] [--dim 512 --layers 4]
 """
 import argparse
 import re
@@ -66,12 +66,12 @@ QUEUE_JS = """async ([prompt, node]) => {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=4, help="timed runs of each kind (after one warm-up each)")
-    parser.add_argument("--length", type=int, default=61, help="video frames per run (4n + 1)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each kind (after one warm-up each)")
+    parser.add_argument("--length", type=int, default=37, help="video frames per run (4n + 1)")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--dim", type=int, default=1024, help="generator width (1536 = the real 1.3B)")
-    parser.add_argument("--layers", type=int, default=8, help="generator blocks (30 = the real 1.3B)")
+    parser.add_argument("--dim", type=int, default=512, help="generator width (1536 = the real 1.3B)")
+    parser.add_argument("--layers", type=int, default=4, help="generator blocks (30 = the real 1.3B)")
     args = parser.parse_args()
 
     import torch
