@@ -152,7 +152,7 @@ def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screens
     if TRAINING_NODES & {node["class_type"] for node in prompt.values()}:
         lora_name = next(n["inputs"]["lora_name"] for n in prompt.values() if n["class_type"] == "SelfForcingTrainer")
         run_and_check_videos(server, prompt)
-        assert (server.model_dir("loras") / f"{lora_name}.safetensors").is_file()
+        assert (server.model_dir("loras") / f"{lora_name}_00001_.safetensors").is_file()
         frontend.page.evaluate(NEXT_STAGE_JS)
         prompt = frontend.graph_to_prompt()
     assert run_and_check_videos(server, prompt), f"{path.name} saves no video"

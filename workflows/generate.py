@@ -172,7 +172,7 @@ SPECS = {
                        "1. Put clips (mp4/webm/gif, or folders of images) into ComfyUI/input/self_forcing_clips; a "
                        "caption walk.txt beside walk.mp4 describes that clip, else the prompt is used. Queue: the "
                        "trainer fine-tunes a LoRA (self-rollout DMD, 600 steps in the paper; cancel any time, a "
-                       "resumable checkpoint is kept) and saves models/loras/my_self_forcing_lora.safetensors.\n"
+                       "resumable checkpoint is kept) and saves models/loras/my_self_forcing_lora_00001_.safetensors (later runs: the next counter).\n"
                        "2. Press R, select the two training nodes and mute them (Ctrl+M), unmute the sampling "
                        "nodes (Ctrl+M), queue again.", ["generator", "text_encoder", "wan_vae", "taehv"]),
                   *text_encoder(), model_loader(),
@@ -185,7 +185,7 @@ SPECS = {
                   {"key": "trainer", "type": "SelfForcingTrainer", "column": 3, "title": "1. Train the LoRA",
                    "widgets": {"lora_name": "my_self_forcing_lora", "control_after_generate": "fixed"}},
                   {"key": "lora", "type": "SelfForcingLora", "column": 3, "title": "2. Trained LoRA", "mode": MUTED,
-                   "widgets": {"lora_name": "my_self_forcing_lora.safetensors", "strength": 1.0}},
+                   "widgets": {"lora_name": "my_self_forcing_lora_00001_.safetensors", "strength": 1.0}},
                   {"key": "tuned", "type": "SelfForcingModelLoader", "column": 3, "title": "2. Model with the LoRA",
                    "mode": MUTED, "widgets": {"model_name": "self_forcing_dmd.pt", "weight_dtype": "auto",
                                               "device": "default", "fp8": "off"}},
