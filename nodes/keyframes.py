@@ -94,7 +94,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
             video = generate_keyframed_video(
                 **arguments, encode=encoder.encode_video if encoder is not None else None,
                 start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
-                fit=image_fit, method=method, ramp_frames=ramp_frames, live=run.steering,
+                fit=image_fit, method=method, ramp_frames=ramp_frames, live=run.live_for(arguments["settings"]),
                 callback=run.on_block(block_reporter(total_blocks(arguments))))
         return sampler_output(video, family, run)
 

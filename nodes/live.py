@@ -88,6 +88,7 @@ class LiveRun:
         self.client_id = PromptServer.instance.client_id  # the tab that queued the prompt (None: an API call)
         self.length = length  # video frames of the output (0: until stopped); the last block is trimmed to it
         self.blocks_done = 0
+        self.steerable = True  # False: the sampler takes no live prompt or Stop (Rolling Forcing)
         self.block_first_frames: dict[int, int] = {}  # block -> its first video frame in the output
         self.folder, self.stem, self.recorder = None, None, None
         if record:
@@ -113,6 +114,11 @@ class LiveRun:
             self.recorder.close()
         reason = "stopped" if self.steering.stop_requested else "finished" if error is None else "cancelled"
         self.send({"kind": "end", "reason": reason, "blocks": self.blocks_done})
+
+    def live_for(self, settings):
+        """The steering to pass to ``generate_video``: None for the Rolling Forcing sampler, which takes none."""
+        self.steerable = settings.sampler != "rolling"
+        return self.steering if self.steerable else None
 
     def on_block(self, report):
         """Wrap the host reporter (progress, preview, interrupt check): then hand the block's frames to the worker."""
@@ -197,6 +203,9 @@ def find_run(body: dict) -> LiveRun:
     if run is None:
         raise LookupError(f"node {node_id} of prompt {prompt_id} is not running a Self-Forcing sampler; live "
                           "prompts and Stop go to a sampler while it runs")
+    if not run.steerable:
+        raise ValueError("the Rolling Forcing preset takes no live prompts or Stop; use a block-by-block preset "
+                         "(or the host's Cancel)")
     return run
 
 

@@ -191,7 +191,7 @@ class SelfForcingStreamingSampler(io.ComfyNode):
         arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
         with live_run(clip, record, inputs["width"], inputs["height"], inputs["length"]) as run:
-            video = generate_video(**arguments, live=run.steering,
+            video = generate_video(**arguments, live=run.live_for(arguments["settings"]),
                                    callback=run.on_block(block_reporter(total_blocks(arguments))))
         return sampler_output(video, family, run)
 
