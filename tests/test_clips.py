@@ -10,7 +10,6 @@ from PIL import Image
 from selfforcing_core.clips import load_clips, prepare_clips, read_frames
 from selfforcing_core.images import resize_to
 
-torch.set_num_threads(1)
 HEIGHT, WIDTH = 32, 48
 
 

@@ -8,7 +8,6 @@ from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
-torch.set_num_threads(1)
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 SHAPE = (16, 4, 4)
 

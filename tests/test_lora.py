@@ -8,7 +8,6 @@ from selfforcing_core.lora import (LoRALinear, active_adapter, adapter_parameter
                                    lora_layers, merge_lora, read_lora, save_lora)
 from selfforcing_core.model import CausalWanModel, WanConfig
 
-torch.set_num_threads(1)
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 

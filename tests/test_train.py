@@ -24,7 +24,6 @@ from selfforcing_core.trainer import (CHECKPOINT_NAME, ClipBatchSource, Trainer,
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from test_trainer_e2e import write_gif
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
