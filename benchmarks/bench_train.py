@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfforcing_core import dmd  # noqa: E402
 from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.trainer import ClipBatchSource, Trainer, TrainConfig  # noqa: E402
+from selfforcing_core.clips import ClipBatchSource  # noqa: E402
+from selfforcing_core.trainer import Trainer, TrainConfig  # noqa: E402
 
 CONFIGS = {  # name: (model config, latent frames, latent height, latent width)
     "tiny": (WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16), 6, 4, 4),

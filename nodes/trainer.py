@@ -19,8 +19,9 @@ import torch
 from comfy_api.latest import io
 
 from ..selfforcing_core.clips import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, prepare_clips
+from ..selfforcing_core.loss_curves import draw_loss_curves, format_losses, loss_curve_image
 from ..selfforcing_core.memory import check_encoding_fits, check_training_fits
-from ..selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig, draw_loss_curves, format_losses, loss_curve_image
+from ..selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
 from ..selfforcing_core.units import latent_size, pixel_size, video_frames_for, whole_block_latent_frames
 from .common import CATEGORY, SelfForcingModel, StreamingDecoder, check_inputs, prompt_tensor, register_folder, save_path
 
@@ -155,17 +156,19 @@ class SelfForcingTrainer(io.ComfyNode):
                 io.Float.Input("generator_lr", default=1e-4, min=0.0, max=1.0, step=1e-6,
                                tooltip="Learning rate of the generator LoRA."),
                 io.Float.Input("critic_lr", default=1e-4, min=0.0, max=1.0, step=1e-6,
-                               tooltip="Learning rate of the critic (fake score) and clip (real score) LoRAs."),
+                               tooltip="Learning rate of the critic (fake score) LoRA."),
                 io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of every LoRA."),
-                io.Float.Input("clip_weight", default=1.0, min=0.0, max=4.0, step=0.05,
-                               tooltip="Strength of the teacher's clip LoRA; 0 = plain distillation (no pull "
-                                       "toward the clips)."),
+                io.Float.Input("real_lora_weight", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="Strength of the teacher's (real score's) LoRA that learns your videos; "
+                                       "0 = plain distillation (no pull toward them)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per iteration."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of all training randomness."),
                 io.Int.Input("save_every", default=50, min=1, max=100000, tooltip="Checkpoint interval in steps."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from the run folder's checkpoint if "
                                  "there is one (same settings needed). Off: a new run, refused while the run "
                                  "folder holds a checkpoint (pick another lora_name)."),
+                io.Float.Input("real_lr", default=1e-4, min=0.0, max=1.0, step=1e-6, optional=True,
+                               tooltip="Learning rate of the teacher's (real score's) LoRA."),
             ],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The saved LoRA's name in models/loras."),
                      io.Image.Output(display_name="loss_curves", tooltip="Generator, critic and clip losses.")],
@@ -176,17 +179,17 @@ class SelfForcingTrainer(io.ComfyNode):
         return check_inputs(cls, {}, lora_name=lambda: lora_name is None or check_run(lora_name, resume is not False))
 
     @classmethod
-    def execute(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight, batch_size,
-                seed, save_every, resume):
+    def execute(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, real_lora_weight, batch_size,
+                seed, save_every, resume, real_lr=1e-4):
         with torch.inference_mode(False), torch.enable_grad():  # the host runs nodes under inference mode
-            return cls.train(model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight,
-                             batch_size, seed, save_every, resume)
+            return cls.train(model, clips, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank,
+                             real_lora_weight, batch_size, seed, save_every, resume)
 
     @classmethod
-    def train(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, clip_weight, batch_size,
-              seed, save_every, resume):
+    def train(cls, model, clips, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank, real_lora_weight,
+              batch_size, seed, save_every, resume):
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lora_rank=lora_rank, generator_lr=generator_lr,
-                          critic_lr=critic_lr, real_lr=critic_lr, real_lora_weight=clip_weight, seed=seed,
+                          critic_lr=critic_lr, real_lr=real_lr, real_lora_weight=real_lora_weight, seed=seed,
                           save_every=save_every)
         check_run(lora_name, resume)
         _, frames, _, *latent_hw = clips.latents.shape

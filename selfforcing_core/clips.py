@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,12 +30,22 @@ from .atomic import save_safetensors
 from .errors import SelfForcingError
 from .images import resize_to
 from .prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
-from .trainer import ClipBatchSource
 from .units import video_frames_for
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipBatchSource:
+    """Encoded training windows, what the trainer samples from: clip latents [N, F, C, h, w],
+    per-window prompt embeddings (list of [L, text_dim]) and the negative prompt's embedding [L, text_dim]."""
+
+    latents: torch.Tensor
+    prompts: list
+    negative: torch.Tensor
+    names: list = field(default_factory=list)
 
 
 class ClipError(SelfForcingError):

@@ -33,7 +33,8 @@ from .checkpoint import load_generator
 from .clips import load_clips, prepare_clips
 from .codec_loading import load_codec
 from .prompt_embeddings import load_prompt_embeddings
-from .trainer import Trainer, TrainConfig, format_losses
+from .loss_curves import format_losses
+from .trainer import Trainer, TrainConfig
 
 KNOWN_KEYS = {"model", "dataset", "output", "num_heads", "head_dim", "text_len", "dtype", "result_name", "training"}
 

@@ -27,18 +27,16 @@ gathered whole, so a run resumes on any number of processes.
 import copy
 import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import dmd
 from .atomic import save_safetensors, save_torch
+from .clips import ClipBatchSource
+from .distributed import average_gradients, copy_whole, gathered, mean_over_processes, shard_like, world
 from .fp8 import FP8Linear
 from .lora import DEFAULT_TARGETS, active_adapter, adapter_parameters, inject_lora, remove_lora, save_lora
 from .model import CausalWanModel
@@ -88,40 +86,10 @@ class TrainConfig:
         return cls(**values)
 
 
-@dataclass
-class ClipBatchSource:
-    """What the trainer samples from: clip latents [N, F, C, h, w], per-window prompt embeddings
-    (list of [L, text_dim]) and the negative prompt's embedding [L, text_dim]."""
-
-    latents: torch.Tensor
-    prompts: list
-    negative: torch.Tensor
-    names: list = field(default_factory=list)
-
-
 def stack_prompts(prompts: list) -> torch.Tensor:
     """Zero-pad prompt embeddings [L_i, D] to a common length (the model pads with zeros too). -> [B, L, D]."""
     length = max(p.shape[0] for p in prompts)
     return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[0])) for p in prompts])
-
-
-def gathered(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP shard (a collective: every process calls it); plain tensors as they are."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def copy_whole(param: torch.Tensor, whole: torch.Tensor):
-    """Copy a whole tensor into a parameter, taking this process's shard of an FSDP parameter."""
-    if isinstance(param, DTensor):
-        whole = distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements)
-    param.copy_(whole)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the running torch.distributed group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Trainer:
@@ -232,19 +200,10 @@ class Trainer:
         loss.backward()
         params = list(self.params[adapter].values())
         if self.world_size > 1 and not (self.sharded and adapter == dmd.GENERATOR):  # FSDP averages its own
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world_size
-            for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-                p.grad = chunk.view_as(p)
+            average_gradients(params, self.world_size)
         torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         optimizer.step()
-        value = loss.detach().double().reshape(1)
-        if self.world_size > 1:
-            dist.all_reduce(value)
-            value /= self.world_size
-        return float(value)
+        return mean_over_processes(loss, self.world_size)
 
     def generator_step(self, rng: torch.Generator) -> float:
         cfg = self.cfg
@@ -362,9 +321,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
             for p in self.params[name].values():  # moments of FSDP parameters back to this process's shard
-                for key, value in opt.state[p].items():
-                    if isinstance(p, DTensor) and value.shape == p.shape:
-                        opt.state[p][key] = distribute_tensor(value, p.device_mesh, p.placements)
+                opt.state[p] = {key: shard_like(p, value) for key, value in opt.state[p].items()}
         self.step, self.ema, self.history = state["step"], state["ema"], list(state["history"])
 
     def save_checkpoint(self, folder):
@@ -399,34 +356,3 @@ class Trainer:
         if self.rank == 0:
             save_safetensors(weights, path, metadata)
 
-
-LOSS_COLOURS = {"generator": (220, 60, 60), "critic": (60, 120, 220), "real": (40, 160, 80)}
-
-
-def format_losses(history: list[dict]) -> str:
-    """The latest recorded value of each loss, e.g. ``generator 0.01234, critic 0.5, real 0.98``."""
-    latest = {name: r[name] for r in history for name in LOSS_COLOURS if r.get(name) is not None}
-    return ", ".join(f"{name} {value:.4g}" for name, value in latest.items())
-
-
-def draw_loss_curves(history: list[dict], width: int = 640, height: int = 360):
-    """Plot the recorded losses, each curve scaled to its own range (labelled with min/max). -> PIL RGB image."""
-    from PIL import Image, ImageDraw
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    last_step = max([r["step"] for r in history] + [1])
-    for row, (name, colour) in enumerate(LOSS_COLOURS.items()):
-        points = [(r["step"], r[name]) for r in history if r.get(name) is not None and math.isfinite(r[name])]
-        if not points:
-            continue
-        low, high = min(v for _, v in points), max(v for _, v in points)
-        span = (high - low) or 1.0
-        xy = [(10 + (width - 20) * s / last_step, height - 10 - (height - 40) * (v - low) / span) for s, v in points]
-        draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=2)
-        draw.text((10, 4 + 10 * row), f"{name}: {low:.4g} .. {high:.4g} (last {points[-1][1]:.4g})", fill=colour)
-    return image
-
-
-def loss_curve_image(history: list[dict], width: int = 640, height: int = 360) -> torch.Tensor:
-    """``draw_loss_curves`` as an RGB image [height, width, 3] float in [0, 1] (ComfyUI IMAGE layout without batch)."""
-    return torch.from_numpy(np.array(draw_loss_curves(history, width, height))).float() / 255

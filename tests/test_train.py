@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 from selfforcing_core import dmd
 from selfforcing_core.checkpoint import load_generator
 from selfforcing_core import train
-from selfforcing_core.clips import load_clips, read_frames
+from selfforcing_core.clips import ClipBatchSource, load_clips, read_frames
 from selfforcing_core.images import resize_to
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from selfforcing_core.lora import active_adapter, adapter_parameters
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, sample_video
-from selfforcing_core.trainer import (CHECKPOINT_NAME, ClipBatchSource, Trainer, TrainConfig, format_losses,
-                                     loss_curve_image)
+from selfforcing_core.loss_curves import format_losses, loss_curve_image
+from selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from test_trainer_e2e import write_gif
 

@@ -9,7 +9,7 @@ from decoder_weights import taehv_state_dict
 from selfforcing_core.lora import read_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
-from selfforcing_core.trainer import format_losses
+from selfforcing_core.loss_curves import format_losses
 
 pytestmark = pytest.mark.host
 
@@ -59,7 +59,7 @@ def trainer_graph(server, lora_name, steps, save_every=2, resume=True):
                          "negative": ["4", 0], "width": 32, "height": 32, "length": 9}},
         "6": {"class_type": "SelfForcingTrainer",
               "inputs": {"model": ["1", 0], "clips": ["5", 0], "lora_name": lora_name, "steps": steps,
-                         "generator_lr": 1e-3, "critic_lr": 1e-3, "lora_rank": 4, "clip_weight": 1.0,
+                         "generator_lr": 1e-3, "critic_lr": 1e-3, "lora_rank": 4, "real_lora_weight": 1.0,
                          "batch_size": 1, "seed": 0, "save_every": save_every, "resume": resume}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 1]}},
     }
