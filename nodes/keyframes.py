@@ -75,11 +75,11 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
-                        sink_frames=None, method=None, image_fit=None):
+                        sink_frames=None, method=None, image_fit=None, later_block_steps=None):
         if length == 0:
             return "length 0 (until Stop) is for the streaming sampler; the keyframe sampler needs 4n + 1 frames"
         return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames,
-                                    method=method, image_fit=image_fit)
+                                    method=method, image_fit=image_fit, later_block_steps=later_block_steps)
 
     @classmethod
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,

@@ -183,8 +183,9 @@ class SelfForcingStreamingSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
-                        sink_frames=None):
-        return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames)
+                        sink_frames=None, later_block_steps=None):
+        return check_sampler_inputs(cls, width, height, length, steps, kv_window_frames, sink_frames,
+                                    later_block_steps=later_block_steps)
 
     @classmethod
     def execute(cls, clip=None, record=False, **inputs):
