@@ -88,6 +88,9 @@ def video_out(prefix):
 SAMPLER_LINKS = [["clip", "CLIP", "positive", "clip"], ["model", "model", "sampler", "model"],
                  ["positive", "CONDITIONING", "sampler", "positive"]]
 VIDEO_LINKS = [["video", "VIDEO", "save", "video"]]
+# sampler with a decoder, its frames saved as a video
+DECODED_VIDEO_LINKS = [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
+                       ["sampler", "images", "video", "images"], *VIDEO_LINKS]
 
 SPECS = {
     "text_to_video_streaming": {
@@ -96,8 +99,7 @@ SPECS = {
                        "and shows it as a live preview.", ["generator", "text_encoder", "taehv"]),
                   *text_encoder(), model_loader(), taehv_loader(), prompt("positive", PROMPTS[0]), sampler(),
                   *video_out("text_to_video")],
-        "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
-                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+        "links": DECODED_VIDEO_LINKS,
     },
     "framewise_low_latency": {
         "nodes": [note("Frame-wise, low latency (Causal Forcing): every block is ONE latent frame (4 video "
@@ -109,8 +111,7 @@ SPECS = {
                   *text_encoder(), model_loader("causal_forcing_framewise.pt"), taehv_loader(),
                   prompt("positive", PROMPTS[0]), sampler(steps="Causal Forcing frame-wise, 4 steps"),
                   *video_out("framewise")],
-        "links": [*SAMPLER_LINKS, ["decoder", "decoder", "sampler", "decoder"],
-                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+        "links": DECODED_VIDEO_LINKS,
     },
     "live_stream": {
         "nodes": [note("Live stream: queue it and watch the video play in the sampler node as it is generated. "
