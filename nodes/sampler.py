@@ -8,11 +8,10 @@ from comfy_execution.utils import get_executing_context
 
 from ..selfforcing_core.families import FAMILIES
 from ..selfforcing_core.generate import generate_video
-from ..selfforcing_core.kv_cache import check_window
+from ..selfforcing_core.kv_cache import CacheRules, check_window
 from ..selfforcing_core.latents import comfy_to_generator
 from ..selfforcing_core.memory import check_generation_fits
-from ..selfforcing_core.model import max_stream_latent_frames
-from ..selfforcing_core.rollout import PromptSwitch, blocks_covering
+from ..selfforcing_core.rollout import PromptSwitch, blocks_covering, max_latent_frames
 from ..selfforcing_core.schedule import DEFAULT_STEPS
 from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size, pixel_size, video_frames_for
 from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter, check_inputs,
@@ -29,7 +28,7 @@ PRESETS = {
 }
 DEFAULT_PRESET = "4 steps, shift 5 (paper)"
 LATER_BLOCK_STEPS = {"preset": None, "4": DEFAULT_STEPS, "2": (1000, 500), "1": (1000,)}
-MAX_LENGTH = video_frames_for(max_stream_latent_frames())  # the last frame the RoPE table can place
+MAX_LENGTH = video_frames_for(max_latent_frames(CacheRules(), None))  # the last frame the RoPE table can place
 
 
 def sampler_inputs():

@@ -27,12 +27,6 @@ from .kv_cache import CacheRules, KVCache
 ROPE_MAX_FRAMES = 1024  # length of the RoPE tables: positions 0..1023 per axis
 
 
-def max_stream_latent_frames(frames_per_block: int = 3) -> int:
-    """Latent frames a stream with absolute RoPE positions can reach: the whole blocks that fit
-    the RoPE table (1023 at 3 frames per block), rolling window or not."""
-    return ROPE_MAX_FRAMES // frames_per_block * frames_per_block
-
-
 @dataclass
 class WanConfig:
     """Hyper-parameters of a Wan2.1 DiT; ``from_state_dict`` reads them off the weights."""

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from selfforcing_core.model import (ROPE_MAX_FRAMES, RopeTable, apply_rope, block_causal_mask, grid_positions,
-                                    max_stream_latent_frames)
-from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.kv_cache import CacheRules
+from selfforcing_core.model import ROPE_MAX_FRAMES, RopeTable, apply_rope, block_causal_mask, grid_positions
+from selfforcing_core.rollout import NoiseSource, max_latent_frames, sample_video
 from tiny import tiny_model, tiny_prompt
 
 
@@ -47,7 +47,7 @@ def test_rope_rotates_adjacent_pairs_by_absolute_frame_position():
 
 def test_the_last_block_a_stream_can_reach_fits_the_rope_table_and_the_next_does_not():
     table = RopeTable(head_dim=32)
-    last = max_stream_latent_frames(frames_per_block=3)
+    last = max_latent_frames(CacheRules(), None, frames_per_block=3)
     assert last % 3 == 0
     table.for_grid(range(last - 3, last), 1, 1, "cpu")
     with pytest.raises(ValueError, match="beyond the RoPE table"):

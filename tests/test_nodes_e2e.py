@@ -8,7 +8,9 @@ import torch
 
 from comfy_host import PromptExecutionError, PromptValidationError, run_watching
 from decoder_weights import taehv_state_dict, wan_vae_state_dict
-from selfforcing_core.model import CausalWanModel, WanConfig, max_stream_latent_frames
+from selfforcing_core.kv_cache import CacheRules
+from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.rollout import max_latent_frames
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 
 pytestmark = pytest.mark.host
@@ -163,7 +165,7 @@ def test_lengths_beyond_what_the_rope_table_can_place_are_refused_at_validation(
     """The length widget's maximum is the last whole block the RoPE table can place (that block's
     positions fit: test_model); one block more is refused at once, not after minutes of compute."""
     longest = server.object_info("SelfForcingStreamingSampler")["input"]["required"]["length"][1]["max"]
-    assert longest == 1 + 4 * (max_stream_latent_frames() - 1)
+    assert longest == 1 + 4 * (max_latent_frames(CacheRules(), None) - 1)
     for node in ("SelfForcingStreamingSampler", "SelfForcingKeyframeSampler"):
         graph = sampler_graph(length=longest + 4)
         graph["4"]["class_type"] = node
