@@ -121,13 +121,16 @@ def main(argv=None):
 
 
 def exit_worker():
-    """End a torchrun worker after a successful run without tearing down torch's distributed state.
+    """End a torchrun worker after a successful run without Python's interpreter teardown.
 
-    destroy_process_group does not free a gloo group that FSDP used: torch's DTensor caches (sharding
-    propagation, redistribute plans, mesh topology) and FSDP's hooks keep the device mesh, and through it
-    the group, alive; its worker threads and sockets then run until the interpreter's own teardown frees
-    them, racing the other rank's exit (a rank aborted there with "terminate called without an active
-    exception"). Everything is written and flushed by then, so the worker leaves with status 0 directly.
+    A normal exit can abort (SIGABRT, "terminate called without an active exception"): a gloo worker
+    thread (pt_gloo_runloop) frees each finished collective after the waiting rank has moved on, and the
+    barrier's work keeps the last all-gather's work alive until then. Python dropped the all-gather's
+    output tensor first, so the tensor now owns its Python object and freeing it takes the GIL; once the
+    interpreter is finalizing, Python (3.11 here) ends a thread that takes the GIL with pthread_exit, and
+    that unwinding through the work's destructor calls std::terminate. destroy_process_group does not
+    join those threads (the group outlives it). Everything is written and flushed by then, so the worker
+    leaves with status 0 directly.
     """
     sys.stdout.flush()
     sys.stderr.flush()
