@@ -5,7 +5,7 @@ weights in the real key layouts, on the same generator latents. Each case runs i
 (for a clean peak RSS), one warm-up pass, then the median of the timed passes; times are per
 output frame. RSS: after loading the weights, and the peak during warm-up + timed decodes.
 
-    .venv/bin/python benchmarks/bench_decoders.py [--frames 6] [--size 8] [--threads 2]
+    .venv/bin/python -m benchmarks.bench_decoders [--frames 6] [--size 8] [--threads 2]
 """
 import argparse
 import json
@@ -28,8 +28,7 @@ def run_case(name: str, frames: int, size: int, threads: int, repeats: int) -> d
     """Build the decoder, decode once to warm up, then time ``repeats`` decodes; report the median per frame."""
     import torch
 
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    from decoder_weights import taehv_state_dict, wan_vae_state_dict
+    from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
     from selfforcing_core.codec_loading import load_codec
     from selfforcing_core.latents import normalised_to_raw
 
@@ -83,9 +82,9 @@ def main() -> None:
           f"CPU float32, {args.threads} threads, warm, real widths, random weights")
     results = {}
     for name in CASES:
-        command = [sys.executable, __file__, "--case", name, "--frames", str(args.frames),
+        command = [sys.executable, "-m", "benchmarks.bench_decoders", "--case", name, "--frames", str(args.frames),
                    "--size", str(args.size), "--threads", str(args.threads), "--repeats", str(args.repeats)]
-        results[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        results[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout)
         r = results[name]
         print(f"{name:<36} {r['ms_per_frame']:9.2f} ms/frame  ({r['frames']} frames)  RSS weights {r['rss_weights_mib']:6.0f} MiB, peak decoding {r['peak_rss_mib']:6.0f} MiB")
     taehv, wan = results["taehv stream x3"]["ms_per_frame"], results["wan_vae stream x3"]["ms_per_frame"]

@@ -1,6 +1,6 @@
 """FLOPs per video frame of the real architectures at 480x832, counted, and GPU projections from them.
 
-Prints figures; asserts nothing. Usage: python benchmarks/bench_flops.py [--cpu-check]
+Prints figures; asserts nothing. Usage: python -m benchmarks.bench_flops [--cpu-check]
 
 * Counting: the real Wan2.1-T2V-1.3B generator (and the real-width TAEHV and Wan VAE decoders)
   run on fake tensors (no memory, no arithmetic) under torch's FlopCounterMode, through the same
@@ -13,21 +13,18 @@ Prints figures; asserts nothing. Usage: python benchmarks/bench_flops.py [--cpu-
   counter and the timing agree on this machine.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from decoder_weights import taehv_shapes, wan_vae_shapes  # noqa: E402
-from selfforcing_core.codec_loading import load_codec  # noqa: E402
-from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, sample_video  # noqa: E402
-from selfforcing_core.units import video_frames_for  # noqa: E402
+from support.decoder_weights import taehv_shapes, wan_vae_shapes
+from selfforcing_core.codec_loading import load_codec
+from selfforcing_core.config import WAN_T2V_1P3B
+from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.units import video_frames_for
 
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)

@@ -1,6 +1,6 @@
 """FP8 weight bytes of the real 1.3B transformer, the 480x832 memory table, compile vs eager.
 
-    .venv/bin/python benchmarks/bench_fp8_memory.py [--skip-weights] [--skip-compile]
+    .venv/bin/python -m benchmarks.bench_fp8_memory [--skip-weights] [--skip-compile]
 
 1. Builds the real Wan2.1-T2V-1.3B architecture with random bf16 weights, loads it as bf16 and as
    FP8 (e4m3fn, per-tensor and per-channel) through ``load_generator`` and counts the bytes of
@@ -11,19 +11,17 @@
 """
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfforcing_core.checkpoint import load_generator  # noqa: E402
-from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count  # noqa: E402
-from selfforcing_core.memory import estimate_memory  # noqa: E402
-from selfforcing_core.model import WAN_T2V_1P3B as REAL_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks  # noqa: E402
+from selfforcing_core.checkpoint import load_generator
+from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count
+from selfforcing_core.memory import estimate_memory
+from selfforcing_core.config import WAN_T2V_1P3B as REAL_1P3B
+from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks
 
 
 GIB = 2 ** 30

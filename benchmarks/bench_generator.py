@@ -1,7 +1,7 @@
 """Generator benchmark: cached rollout vs recomputing the history, and a long rolling-window stream.
 
 Prints figures; asserts nothing. Usage:
-    python benchmarks/bench_generator.py [--config tiny|1.3b] [--latent 8x8] [--blocks 6] [--long-blocks 120]
+    python -m benchmarks.bench_generator [--config tiny|1.3b] [--latent 8x8] [--blocks 6] [--long-blocks 120]
 
 * cached vs recompute: per-block latency of the KV-cache rollout against a rollout that re-runs
   the whole clean history through the block-causal forward at every denoising step (same
@@ -11,19 +11,19 @@ Prints figures; asserts nothing. Usage:
 """
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks  # noqa: E402
-from selfforcing_core.schedule import FlowMatchSchedule  # noqa: E402
+from selfforcing_core.config import WAN_T2V_1P3B
+from selfforcing_core.model import CausalWanModel
+from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks
+from selfforcing_core.schedule import FlowMatchSchedule
+from support.tiny import TINY
 
 CONFIGS = {
-    "tiny": WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16),
+    "tiny": TINY,
     "1.3b": WAN_T2V_1P3B,  # the released architecture, random weights
 }
 

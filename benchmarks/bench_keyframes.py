@@ -1,7 +1,7 @@
 """Keyframe benchmark: how smoothly each method arrives at its keyframes, on a synthetic clip.
 
 Prints figures; asserts nothing. Usage:
-    python benchmarks/bench_keyframes.py [--blocks 7] [--latent 8x8] [--strength 1.0]
+    python -m benchmarks.bench_keyframes [--blocks 7] [--latent 8x8] [--strength 1.0]
 
 Setup: the parity fixture's tiny generator (random weights written by the official code; a random
 tiny model when the fixtures are absent), latent space throughout (no decoder). A random model has
@@ -18,17 +18,16 @@ the median step change of the whole clip; no hard cut means <= 2.
 Also the step from the start block into the first generated frame, and wall time per run.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfforcing_core.checkpoint import load_generator  # noqa: E402
-from selfforcing_core.keyframes import Keyframe, KeyframeGuide  # noqa: E402
-from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video  # noqa: E402
+from selfforcing_core.checkpoint import load_generator
+from selfforcing_core.keyframes import Keyframe, KeyframeGuide
+from selfforcing_core.model import CausalWanModel
+from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
+from support.tiny import TINY
 
 FIXTURE_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "selfforcing" / "weights.safetensors"
 
@@ -37,8 +36,7 @@ def tiny_generator() -> tuple[CausalWanModel, str]:
     if FIXTURE_WEIGHTS.is_file():
         return load_generator(str(FIXTURE_WEIGHTS), dtype="fp32", num_heads=2, text_len=16), "fixture weights"
     torch.manual_seed(0)
-    config = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
-    return CausalWanModel(config).eval(), "random tiny model"
+    return CausalWanModel(TINY).eval(), "random tiny model"
 
 
 def rms(x: torch.Tensor) -> float:

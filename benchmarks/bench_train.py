@@ -5,25 +5,23 @@ Method: random-weight models, float32, warm (one untimed step of each kind first
 the same for ``finetune="full"``. Activation memory = bytes of the distinct non-parameter tensors
 autograd keeps for the backward pass of one generator step (exit step at the last denoising step),
 plus the cached-context copies of checkpointed exit steps, with and without gradient checkpointing.
-    .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--threads 2] [--memory-only]
+    .venv/bin/python -m benchmarks.bench_train [--repeats 5] [--threads 2] [--memory-only]
 """
 import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfforcing_core import dmd  # noqa: E402
-from selfforcing_core.model import CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.clips import ClipBatchSource  # noqa: E402
-from selfforcing_core.trainer import Trainer, TrainConfig  # noqa: E402
+from selfforcing_core import dmd
+from selfforcing_core.clips import ClipBatchSource
+from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.trainer import Trainer, TrainConfig
+from support.tiny import TINY
 
 CONFIGS = {  # name: (model config, latent frames, latent height, latent width)
-    "tiny": (WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16), 6, 4, 4),
+    "tiny": (TINY, 6, 4, 4),
     "mid": (WanConfig(dim=512, ffn_dim=1024, num_layers=6, num_heads=4, text_dim=128, text_len=64), 6, 16, 16),
 }
 

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from comfy_server import REPO_ROOT, ComfyServer
+from support.comfy_server import REPO_ROOT, ComfyServer
 
 MODEL_FILES = [  # (models subfolder, file name, source)
     ("diffusion_models", "self_forcing_dmd.pt",

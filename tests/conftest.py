@@ -1,13 +1,17 @@
-"""Shared test setup: make the repository importable and locate the shared fixtures."""
+"""Shared test setup: the shared fixtures, the ComfyUI host (in process or as a server), the sampler server.
+
+The repository root is on the import path through ``pythonpath`` in pytest.ini, so tests import
+``selfforcing_core`` and the ``support`` helpers normally.
+"""
+import importlib
 import os
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from support.comfy_paths import REPO_ROOT, comfyui_root
+from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 
@@ -26,17 +30,50 @@ def fixtures_dir():
 
 @pytest.fixture(scope="session")
 def comfy_server():
-    """A real ComfyUI server with this pack linked in, one per session (tests/comfy_host.py)."""
-    from comfy_host import session_server
+    """A real ComfyUI server with this pack linked in, one per session (support/comfy_host.py)."""
+    from support.comfy_host import session_server
     yield from session_server()
 
 
-@pytest.fixture(scope="session")
-def comfy_api_import():
-    """Host root put first on sys.path for in-process `import comfy...` (no server; CPU device);
-    skips without a host. The host's `nodes.py` then shadows the pack's `nodes` package."""
-    from comfy_host import find_host_or_skip
-    from comfy_paths import import_comfy
-    root = find_host_or_skip()
-    import_comfy("comfy.cli_args")  # puts the root on sys.path and selects the CPU
-    return root
+@pytest.fixture
+def comfy_import():
+    """``comfy_import("comfy.x")`` imports a ComfyUI module in process on the CPU (no server); the
+    test skips without a host. The host root goes first on sys.path (this is the one place that
+    edits it), so the host's `nodes.py` then shadows the pack's `nodes` package."""
+    root = comfyui_root()
+    if root is None:
+        pytest.skip("ComfyUI host not found (set COMFYUI_PATH or create .host/ComfyUI)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
+    return importlib.import_module
+
+
+@pytest.fixture
+def comfy_api_import(comfy_import):
+    """The host root, importable in process (see ``comfy_import``); skips without a host."""
+    return comfyui_root()
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    """The session server with a tiny generator, decoders and two prompts in its model folders
+    (the node end-to-end tests; a test module may define its own ``server``)."""
+    from selfforcing_core.model import CausalWanModel
+    from selfforcing_core.prompt_embeddings import save_prompt_embeddings
+    from support.comfy_host import E2E_CONFIG
+
+    torch.manual_seed(0)
+    model = CausalWanModel(E2E_CONFIG)
+    comfy_server.write_safetensors("diffusion_models", "sf_tiny.safetensors",
+                                   {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()})
+    comfy_server.write_safetensors("diffusion_models", "not_a_generator.safetensors", wan_vae_state_dict())
+    comfy_server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
+    comfy_server.write_safetensors("vae", "wan_2.1_vae.safetensors", wan_vae_state_dict())
+    for seed, name in ((1, "cat"), (2, "dog")):
+        context = torch.randn(1, 12, E2E_CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
+        save_prompt_embeddings(comfy_server.model_dir("prompt_embeddings") / f"{name}.safetensors",
+                               [(context, {"pooled_output": None})])
+    return comfy_server

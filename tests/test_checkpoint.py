@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from selfforcing_core.checkpoint import CheckpointError, load_generator
 from selfforcing_core.model import WanConfig
-from tiny import tiny_model
+from support.tiny import tiny_model
 
 
 def wan_state_dict(seed=0):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decoder_weights import taehv_state_dict
+from support.decoder_weights import taehv_state_dict
 from selfforcing_core.checkpoint import read_tensors
 from selfforcing_core.codec_loading import detect_codec, load_codec
 

@@ -7,10 +7,10 @@ import torch
 
 import selfforcing_core.compile as compile_module
 from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count, compiler_works
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 PROMPT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
 
 

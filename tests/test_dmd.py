@@ -4,11 +4,11 @@ import torch
 
 from selfforcing_core import dmd
 from selfforcing_core.lora import active_adapter, adapter_parameters, inject_lora
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 SHAPE = (16, 4, 4)
 
 

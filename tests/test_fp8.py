@@ -9,8 +9,8 @@ from selfforcing_core.fp8 import (FP8Error, FP8Linear, choose_fp8_matmul, float8
                                   split_fp8_scales)
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.rollout import NoiseSource, sample_video
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 LOAD = dict(dtype="fp32", num_heads=2, text_len=16)
 # (relative rounding error of a normal value, smallest subnormal) of each format
 FORMAT_PRECISION = {"e4m3fn": (2.0 ** -4, 2.0 ** -9), "e5m2": (2.0 ** -3, 2.0 ** -16)}

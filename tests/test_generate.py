@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from decoder_weights import taehv_state_dict
+from support.decoder_weights import taehv_state_dict
 from selfforcing_core.generate import generate_video
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import DEFAULT_STEPS, FlowMatchSchedule
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_host import find_host_or_skip
-from comfy_paths import REPO_ROOT
-from decoder_weights import taehv_state_dict
+from support.comfy_host import find_host_or_skip
+from support.comfy_paths import REPO_ROOT
+from support.decoder_weights import taehv_state_dict
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.host
 
 
 def run_generate(*arguments):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), *arguments],
+    return subprocess.run([sys.executable, "-m", "scripts.generate", *arguments], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from comfy_host import PACK_NAME
-from comfy_paths import REPO_ROOT
+from support.comfy_host import PACK_NAME
+from support.comfy_paths import REPO_ROOT
 
 pytestmark = pytest.mark.host
 

@@ -4,13 +4,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from decoder_weights import taehv_state_dict, wan_vae_state_dict
+from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
 from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes, encode_still, fit_images,
                                         generate_keyframed_video, keyframe_from_image, pixel_to_latent_frame,
                                         prepare_keyframes, start_block)
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.rollout import NoiseSource, PromptSwitch, StreamSettings, sample_video, write_clean_context
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 4, 6)  # 2 x 3 = 6 tokens per frame; images are 32 x 48
 NUM_BLOCKS = 3

@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from comfy_paths import import_comfy
 from selfforcing_core.latents import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, check_video, comfy_to_generator,
                                       generator_to_comfy, normalised_to_raw, raw_to_normalised)
 
@@ -35,8 +34,8 @@ def test_generator_comfy_layouts():
 
 
 @pytest.mark.host
-def test_host_wan21_format_matches_our_conversions():
-    formats = import_comfy("comfy.latent_formats")
+def test_host_wan21_format_matches_our_conversions(comfy_import):
+    formats = comfy_import("comfy.latent_formats")
     wan21 = formats.Wan21()
     samples = torch.randn(1, 16, 5, 4, 4) * 2 + 0.3  # a ComfyUI LATENT: raw values
     generator_latents = comfy_to_generator(samples)

@@ -9,7 +9,7 @@ from selfforcing_core.model import ROPE_MAX_FRAMES
 from selfforcing_core.generate import generate_video
 from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.rollout import PromptSwitch, StreamSettings
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 HW = (4, 4)
 PROMPTS = {"cat": tiny_prompt(1), "dog": tiny_prompt(2), "owl": tiny_prompt(3)}

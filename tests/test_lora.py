@@ -6,9 +6,9 @@ import torch
 
 from selfforcing_core.lora import (LoRALinear, active_adapter, adapter_parameters, inject_lora, load_adapter,
                                    lora_layers, merge_lora, read_lora, save_lora)
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 
 def tiny_inputs(batch=1):

@@ -4,11 +4,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing_core.checkpoint import load_generator
+from selfforcing_core.config import WAN_T2V_1P3B as REAL_1P3B
 from selfforcing_core.memory import activation_bytes, estimate_for_model, estimate_memory
-from selfforcing_core.model import WAN_T2V_1P3B as REAL_1P3B, CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.offload import offload_blocks
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 
 def tensor_bytes(tensors):

@@ -5,7 +5,7 @@ import torch
 from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.model import ROPE_MAX_FRAMES, RopeTable, apply_rope, block_causal_mask, grid_positions
 from selfforcing_core.rollout import NoiseSource, max_latent_frames, sample_video
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 
 def test_block_causal_equals_bidirectional_on_a_single_block_and_differs_on_more():

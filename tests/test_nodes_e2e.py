@@ -6,67 +6,16 @@ import av
 import pytest
 import torch
 
-from comfy_host import PromptExecutionError, PromptValidationError, run_watching
-from decoder_weights import taehv_state_dict, wan_vae_state_dict
 from selfforcing_core.kv_cache import CacheRules
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import max_latent_frames
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
+from support.comfy_host import (E2E_CONFIG, PromptExecutionError, PromptValidationError, run_watching,
+                                sampler_graph, saved_video)
+from support.decoder_weights import taehv_state_dict
+from support.files import video_frames
 
 pytestmark = pytest.mark.host
-
-# Head dim 128 as in every released Wan2.1 model, so the loader infers the head count itself.
-E2E_CONFIG = WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32)
-
-
-@pytest.fixture(scope="module")
-def server(comfy_server):
-    """The session server with a tiny generator, decoders and two prompts in its model folders."""
-    torch.manual_seed(0)
-    model = CausalWanModel(E2E_CONFIG)
-    comfy_server.write_safetensors("diffusion_models", "sf_tiny.safetensors",
-                                   {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()})
-    comfy_server.write_safetensors("diffusion_models", "not_a_generator.safetensors", wan_vae_state_dict())
-    comfy_server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
-    comfy_server.write_safetensors("vae", "wan_2.1_vae.safetensors", wan_vae_state_dict())
-    for seed, name in ((1, "cat"), (2, "dog")):
-        context = torch.randn(1, 12, E2E_CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
-        save_prompt_embeddings(comfy_server.model_dir("prompt_embeddings") / f"{name}.safetensors",
-                               [(context, {"pooled_output": None})])
-    return comfy_server
-
-
-def sampler_graph(width=64, height=48, length=25, decoder="vae_approx/taew2_1.safetensors", model="sf_tiny.safetensors",
-                  seed=3, window=0, sink=0, extra=None):
-    """API-format prompt: prompt embeddings -> model -> sampler (+ decoder) -> CreateVideo -> SaveVideo."""
-    graph = {
-        "1": {"class_type": "SelfForcingModelLoader",
-              "inputs": {"model_name": model, "weight_dtype": "fp32", "device": "default"}},
-        "2": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": "cat.safetensors"}},
-        "4": {"class_type": "SelfForcingStreamingSampler",
-              "inputs": {"model": ["1", 0], "positive": ["2", 0], "width": width, "height": height,
-                         "length": length, "seed": seed, "steps": "4 steps, shift 5 (paper)",
-                         "kv_window_frames": window, "sink_frames": sink}},
-        "5": {"class_type": "CreateVideo", "inputs": {"images": ["4", 1], "fps": 16.0}},
-        "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 0], "filename_prefix": "sf/e2e",
-                                                   "format": "mp4", "codec": "h264"}},
-    }
-    if decoder:
-        graph["3"] = {"class_type": "SelfForcingDecoderLoader", "inputs": {"decoder_name": decoder, "dtype": "fp32"}}
-        graph["4"]["inputs"]["decoder"] = ["3", 0]
-    graph.update(extra or {})
-    return graph
-
-
-def saved_video(server, entry):
-    result = entry["outputs"]["6"]["images"][0]
-    return server.output_dir / result["subfolder"] / result["filename"]
-
-
-def video_frames(path):
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
 
 def test_streaming_sampler_to_mp4_has_the_requested_frames_and_size(server):
     entry = server.run(sampler_graph(width=64, height=48, length=25), timeout=300)

@@ -1,8 +1,8 @@
 """The keyframe sampler node end to end in a real ComfyUI server (POST /prompt)."""
 import pytest
 
-from comfy_host import PromptExecutionError
-from test_nodes_e2e import sampler_graph, saved_video, server, video_frames  # noqa: F401 (module fixture)
+from support.comfy_host import PromptExecutionError, sampler_graph, saved_video
+from support.files import video_frames
 
 pytestmark = pytest.mark.host
 

@@ -3,7 +3,7 @@ limits hold, names stay inside ComfyUI's folders, memory is checked before alloc
 import pytest
 import torch
 
-from comfy_host import PACK_NAME, PromptValidationError
+from support.comfy_host import PACK_NAME, PromptValidationError
 
 pytestmark = pytest.mark.host
 

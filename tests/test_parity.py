@@ -11,21 +11,6 @@ from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 
 
-def write_model_root(root, cfg: WanConfig) -> CausalWanModel:
-    """A fixture root's ``weights.safetensors`` and ``model_config.json`` for a random model."""
-    torch.manual_seed(0)
-    model = CausalWanModel(cfg)
-    root.mkdir()
-    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(root / "weights.safetensors"))
-    model_json = {"model_type": "t2v", "patch_size": list(cfg.patch_size), "text_len": cfg.text_len,
-                  "in_dim": cfg.in_dim, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
-                  "text_dim": cfg.text_dim, "out_dim": cfg.out_dim, "num_heads": cfg.num_heads,
-                  "num_layers": cfg.num_layers, "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm,
-                  "eps": cfg.eps}
-    (root / "model_config.json").write_text(json.dumps({"model": model_json}))
-    return model
-
-
 def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, prefill_frames: int):
     """A fixture root in the official format whose expected outputs come from an independent
     float64 run of the same rollout (so the float32 parity run must get within tolerance)."""
@@ -70,7 +55,7 @@ def test_parity_reproduces_a_fixture_root_with_other_shapes(tmp_path):
 def test_parity_reproduces_decoder_fixture_roots_with_other_widths_and_shapes(tmp_path):
     """TAEHV and Wan VAE fixture roots at other widths, frame counts and sizes, with expected
     tensors from a float64 run: the parity command must rebuild everything from the files."""
-    from decoder_weights import taehv_state_dict, wan_vae_state_dict
+    from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
     from selfforcing_core.codec_loading import load_codec
     from selfforcing_core.latents import normalised_to_raw, raw_to_normalised
 

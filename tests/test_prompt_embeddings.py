@@ -131,7 +131,7 @@ def test_comfyui_extras_added_by_host_nodes_are_saved(comfy_server):
 
 @pytest.mark.host
 def test_comfyui_unknown_file_name_is_a_validation_error(comfy_server):
-    from comfy_host import PromptValidationError
+    from support.comfy_host import PromptValidationError
     prompt = {
         "1": {"class_type": LOAD, "inputs": {"embeddings": "no_such_prompt.safetensors"}},
         "2": {"class_type": SAVE, "inputs": {"conditioning": ["1", 0], "filename_prefix": "never"}},
@@ -146,7 +146,7 @@ def test_comfyui_unknown_file_name_is_a_validation_error(comfy_server):
 
 @pytest.mark.host
 def test_comfyui_damaged_file_is_a_clear_execution_error(comfy_server):
-    from comfy_host import PromptExecutionError
+    from support.comfy_host import PromptExecutionError
     (comfy_server.model_dir("prompt_embeddings") / "damaged.safetensors").write_bytes(b"\x00" * 64)
     prompt = {
         "1": {"class_type": LOAD, "inputs": {"embeddings": "damaged.safetensors"}},

@@ -11,8 +11,8 @@ from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.rolling_forcing import sample_rolling, stream_rolling, window_blocks, window_levels
 from selfforcing_core.schedule import FlowMatchSchedule
-from test_parity import write_model_root
-from tiny import tiny_model, tiny_prompt
+from support.files import write_model_root
+from support.tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 8, 6)
 

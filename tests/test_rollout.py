@@ -8,7 +8,7 @@ from selfforcing_core.rollout import (NoiseSource, PromptSwitch, StreamSettings,
                                       sample_video,
                                       stream_blocks, write_clean_context)
 from selfforcing_core.schedule import FlowMatchSchedule
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 8, 6)  # non-square latent: 4 x 3 = 12 tokens per frame
 

@@ -4,11 +4,11 @@ import torch
 
 from selfforcing_core.checkpoint import load_generator
 from selfforcing_core.fp8 import FP8Linear
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, sample_video
 from selfforcing_core.runtime_options import RuntimeOptions, load_with_options
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 LOAD = dict(dtype="fp32", num_heads=2, text_len=16)
 
 

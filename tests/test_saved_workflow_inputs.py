@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import PACK_NAME
+from support.comfy_host import PACK_NAME
 
 TESTS = Path(__file__).resolve().parent
 PINNED = json.loads((TESTS / "node_input_order.json").read_text())

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from decoder_weights import taehv_shapes, taehv_state_dict
+from support.decoder_weights import taehv_shapes, taehv_state_dict
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.latents import normalised_to_raw
 from selfforcing_core.parity import taehv_fixture

@@ -17,15 +17,15 @@ from selfforcing_core.images import resize_to
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.prompt_embeddings import load_prompt_embeddings, save_prompt_embeddings
 from selfforcing_core.lora import active_adapter, adapter_parameters
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, sample_video
 from selfforcing_core.loss_curves import format_losses, loss_curve_image
 from selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
-from decoder_weights import taehv_state_dict, wan_vae_state_dict
-from test_trainer_e2e import write_gif
+from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
+from support.files import write_gif
+from support.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 
 def tiny_model(seed=0):

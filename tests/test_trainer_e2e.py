@@ -1,11 +1,9 @@
 """The training-clips and trainer nodes end to end in a real ComfyUI server (POST /prompt)."""
-import av
-import numpy as np
 import pytest
 import torch
 
-from comfy_host import PromptExecutionError, PromptValidationError, run_watching
-from decoder_weights import taehv_state_dict
+from support.comfy_host import PromptExecutionError, PromptValidationError, run_watching
+from support.decoder_weights import taehv_state_dict
 from selfforcing_core.lora import read_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
@@ -14,18 +12,6 @@ from selfforcing_core.loss_curves import format_losses
 pytestmark = pytest.mark.host
 
 CONFIG = WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32)  # head dim 128 as released
-
-
-def write_gif(path, frames=9, size=32):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("gif", rate=8)
-        stream.width, stream.height, stream.pix_fmt = size, size, "rgb8"
-        for i in range(frames):
-            image = np.full((size, size, 3), (25 * i, 120, 200 - 20 * i), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import json
 import pytest
 import torch
 
-from comfy_paths import import_comfy
-from decoder_weights import wan_vae_shapes, wan_vae_state_dict
+from support.decoder_weights import wan_vae_shapes, wan_vae_state_dict
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.latents import normalised_to_raw, raw_to_normalised
 from selfforcing_core.parity import wanvae_fixture
@@ -73,8 +72,8 @@ def test_chunked_encode_equals_whole_clip_and_drops_incomplete_tail(model64):
     torch.testing.assert_close(latents, raw_to_normalised(whole_mu.transpose(1, 2)), atol=1e-12, rtol=0)
 
 
-def _comfy_vae(sd, dim):
-    vae = import_comfy("comfy.ldm.wan.vae")
+def _comfy_vae(comfy_import, sd, dim):
+    vae = comfy_import("comfy.ldm.wan.vae")
     model = vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                        temperal_downsample=[False, True, True], dropout=0.0)
     model.load_state_dict(sd, strict=True)
@@ -82,8 +81,8 @@ def _comfy_vae(sd, dim):
 
 
 @pytest.mark.host
-def test_decoder_and_encoder_match_comfyui(sd):
-    host = _comfy_vae(sd, dim=4)
+def test_decoder_and_encoder_match_comfyui(sd, comfy_import):
+    host = _comfy_vae(comfy_import, sd, dim=4)
     ours = WanVAE.from_state_dict(sd).eval()
     z_raw = torch.randn(1, 16, 4, 4, 4) * 2
     video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
@@ -93,13 +92,13 @@ def test_decoder_and_encoder_match_comfyui(sd):
 
 
 @pytest.mark.host
-def test_fixture_weights_match_comfyui(fixtures_dir):
+def test_fixture_weights_match_comfyui(fixtures_dir, comfy_import):
     from safetensors.torch import load_file
 
     root = fixtures_dir / "wanvae"
     sd = load_file(str(root / "weights.safetensors"))
     outputs, inputs = load_file(str(root / "outputs.safetensors")), load_file(str(root / "inputs.safetensors"))
-    host = _comfy_vae(sd, dim=json.loads((root / "config.json").read_text())["narrowed_dim"])
+    host = _comfy_vae(comfy_import, sd, dim=json.loads((root / "config.json").read_text())["narrowed_dim"])
     ours = WanVAE.from_state_dict(sd).eval()
     with torch.no_grad():
         ours_decoded = ours.decode_raw(inputs["latents_raw"], {})

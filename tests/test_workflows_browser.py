@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from frontend import Frontend, chromium_or_skip, write_example_images
-from test_nodes_e2e import server, video_frames  # noqa: F401  (server: tiny models in the host's folders)
-from test_trainer_e2e import write_gif
+from support.files import video_frames, write_gif
+from support.frontend import Frontend, chromium_or_skip, write_example_images
 
 pytestmark = pytest.mark.host
 
@@ -168,10 +167,7 @@ def canonical(prompt: dict) -> dict:
 
 def test_main_job_script_runs_exactly_the_shared_text_to_video_workflow(frontend):
     """scripts/generate.py builds its graph in code; it must stay the workflow users download."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import generate
+    from scripts import generate
 
     path = next(p for p in WORKFLOW_FILES if p.stem == "text_to_video_streaming")
     frontend.open_workflow(path.read_text(), path.name)

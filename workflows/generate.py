@@ -1,8 +1,8 @@
 """Regenerate the shared workflows (`*.json`, UI format) and their `.jpg` thumbnails.
 
-    .venv/bin/python workflows/generate.py [NAME ...]
+    .venv/bin/python -m workflows.generate [NAME ...]     (from the repository root)
 
-Starts the real ComfyUI host with this pack (tests/comfy_host.py), builds every graph below in
+Starts the real ComfyUI host with this pack (support/comfy_host.py), builds every graph below in
 its own frontend inside headless Chromium (nodes made by LiteGraph, widgets set by name, saved
 the way the frontend's Export does), then opens each saved file through the frontend's
 file-open path and screenshots it as the thumbnail. Run it after changing a node's inputs.
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parent
-sys.path.insert(0, str(WORKFLOWS.parent / "tests"))
 
 SELF_FORCING = "https://huggingface.co/gdhe17/Self-Forcing"
 WAN_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
@@ -217,9 +216,9 @@ SPECS = {
 
 
 def main(names):
-    from comfy_host import ComfyServer
-    from comfy_paths import comfyui_root
-    from frontend import Frontend, write_example_images
+    from support.comfy_host import ComfyServer
+    from support.comfy_paths import comfyui_root
+    from support.frontend import Frontend, write_example_images
 
     root = comfyui_root()
     if root is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare
+from .compare import Comparison, compare
 from ..checkpoint import load_generator
 from ..kv_cache import CacheRules
 from ..lora import active_adapter, attach_lora

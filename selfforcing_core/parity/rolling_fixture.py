@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare
+from .compare import Comparison, compare
 from .generator_fixture import case_dirs, load_fixture_model
 from ..model import apply_rope
 from ..rollout import NoiseSource

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare, names_architecture
+from .compare import Comparison, compare, names_architecture
 from ..taehv import TAEHV
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import Comparison, compare, names_architecture
+from .compare import Comparison, compare, names_architecture
 from ..latents import normalised_to_raw, raw_to_normalised
 from ..wan_vae import WanVAE
 

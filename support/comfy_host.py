@@ -1,19 +1,20 @@
 """Test glue for the real ComfyUI host: skip without one, one server per test session.
 
-The server itself is ``scripts/comfy_server.py`` (shared with the main-job script).
+The server itself is ``support/comfy_server.py`` (shared with the main-job script).
 """
 import asyncio
 import json
 import struct
-import sys
 import uuid
 
-from comfy_paths import REPO_ROOT, comfyui_root
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from comfy_server import ComfyServer, PACK_NAME, PromptExecutionError, PromptValidationError  # noqa: E402,F401
+from selfforcing_core.model import WanConfig
+from support.comfy_paths import REPO_ROOT, comfyui_root
+from support.comfy_server import ComfyServer, PACK_NAME, PromptExecutionError, PromptValidationError  # noqa: F401
 
 SETUP_ERROR_FILE = REPO_ROOT / ".host" / "setup-error.txt"
+
+# Head dim 128 as in every released Wan2.1 model, so the loader infers the head count itself.
+E2E_CONFIG = WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32)
 
 
 def find_host_or_skip():
@@ -66,3 +67,31 @@ def run_watching(server, graph, node, on_progress=None):
                 if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     return event["type"], progress, previews, prompt_id
     return asyncio.run(asyncio.wait_for(watch(), 300))
+
+
+def sampler_graph(width=64, height=48, length=25, decoder="vae_approx/taew2_1.safetensors", model="sf_tiny.safetensors",
+                  seed=3, window=0, sink=0, extra=None):
+    """API-format prompt: prompt embeddings -> model -> sampler (+ decoder) -> CreateVideo -> SaveVideo."""
+    graph = {
+        "1": {"class_type": "SelfForcingModelLoader",
+              "inputs": {"model_name": model, "weight_dtype": "fp32", "device": "default"}},
+        "2": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": "cat.safetensors"}},
+        "4": {"class_type": "SelfForcingStreamingSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "width": width, "height": height,
+                         "length": length, "seed": seed, "steps": "4 steps, shift 5 (paper)",
+                         "kv_window_frames": window, "sink_frames": sink}},
+        "5": {"class_type": "CreateVideo", "inputs": {"images": ["4", 1], "fps": 16.0}},
+        "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 0], "filename_prefix": "sf/e2e",
+                                                   "format": "mp4", "codec": "h264"}},
+    }
+    if decoder:
+        graph["3"] = {"class_type": "SelfForcingDecoderLoader", "inputs": {"decoder_name": decoder, "dtype": "fp32"}}
+        graph["4"]["inputs"]["decoder"] = ["3", 0]
+    graph.update(extra or {})
+    return graph
+
+
+def saved_video(server, entry):
+    """Path of the video the graph's SaveVideo node ("6") wrote."""
+    result = entry["outputs"]["6"]["images"][0]
+    return server.output_dir / result["subfolder"] / result["filename"]

@@ -1,15 +1,17 @@
-"""Tiny random causal Wan models for tests (the shape of the parity fixture's model)."""
+"""The tiny random causal Wan model of tests and small benchmarks (the shape of the parity fixture's model)."""
+from dataclasses import replace
+
 import torch
 
 from selfforcing_core.model import CausalWanModel, WanConfig
 
-TINY = dict(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
+TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalWanModel:
     """A float32 model with random weights; every parameter non-trivial (LayerNorm affine perturbed)."""
     torch.manual_seed(seed)
-    model = CausalWanModel(WanConfig(**{**TINY, **overrides}))
+    model = CausalWanModel(replace(TINY, **overrides))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm3.weight") or "norm_" in name:
