@@ -26,6 +26,12 @@ def stream(model, num_blocks, after_block=None):
     return torch.cat(list(blocks), dim=1)
 
 
+def use_compiler(monkeypatch, compile_fn):
+    """Stand ``compile_fn`` in for torch.compile, with the compiler probe passing."""
+    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
+    monkeypatch.setattr(torch, "compile", compile_fn)
+
+
 @pytest.mark.slow
 def test_compiled_stream_matches_eager_and_stops_recompiling():
     if (reason := compiler_works("cpu")) is not None:
@@ -48,8 +54,7 @@ def test_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
         def run(*args, **kw):
             raise RuntimeError("inductor: C compiler not found")
         return run
-    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    use_compiler(monkeypatch, broken_compile)
     eager = stream(tiny_model(), 2)
     model = tiny_model()
     compile_blocks(model, "cpu")
@@ -83,8 +88,7 @@ def test_gradient_checkpointing_on_and_off_leaves_the_compiled_forward_in_place(
             compiled_calls.append(fn)
             return fn(*args)
         return run
-    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
-    monkeypatch.setattr(torch, "compile", counting_compile)
+    use_compiler(monkeypatch, counting_compile)
     eager = stream(tiny_model(), 1)
     model = tiny_model()
     compile_blocks(model, "cpu")
@@ -100,8 +104,7 @@ def test_gradient_checkpointing_on_and_off_leaves_the_compiled_forward_in_place(
 def test_checkpointing_wraps_the_compiled_forward_when_enabled_first(monkeypatch):
     """Whatever the order they are turned on, compile runs inside gradient checkpointing."""
     from selfforcing_core import dmd
-    monkeypatch.setattr(compile_module, "compiler_works", lambda device: None)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    use_compiler(monkeypatch, lambda fn, **kwargs: fn)
     model = tiny_model()
     dmd.enable_gradient_checkpointing(model)
     compile_blocks(model, "cpu")

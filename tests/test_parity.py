@@ -9,6 +9,7 @@ from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
+from support.files import write_model_root
 
 
 def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, prefill_frames: int):

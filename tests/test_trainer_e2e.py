@@ -4,6 +4,7 @@ import torch
 
 from support.comfy_host import PromptExecutionError, PromptValidationError, run_watching
 from support.decoder_weights import taehv_state_dict
+from support.files import write_gif
 from selfforcing_core.lora import read_lora
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
