@@ -11,18 +11,13 @@ blocks; the first run of each kind is a warm-up. The delay is measured in the br
 browser's clock at the draw of a block's first frame minus the server's clock at the block's end
 (same machine).
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_live.py [--runs 3] [--length 37]
+    flock /tmp/heavy.lock .venv/bin/python -m benchmarks.bench_live [--runs 3] [--length 37]
         [--width 320 --height 192] [--dim 512 --layers 4]
 """
 import argparse
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
 
 SECONDS = re.compile(r"(\d+) blocks in ([\d.]+) s")
 
@@ -75,12 +70,12 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from comfy_paths import comfyui_root
-    from comfy_server import ComfyServer
-    from decoder_weights import taehv_state_dict
-    from frontend import Frontend
     from selfforcing_core.model import CausalWanModel, WanConfig
     from selfforcing_core.prompt_embeddings import save_prompt_embeddings
+    from support.comfy_paths import comfyui_root
+    from support.comfy_server import ComfyServer
+    from support.decoder_weights import taehv_state_dict
+    from support.frontend import Frontend
 
     server = ComfyServer(comfyui_root()).start()
     try:

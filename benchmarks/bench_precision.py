@@ -1,7 +1,7 @@
 """Precision benchmark: fp32 before the hot-path trims, fp32 now, and bf16, side by side in one run.
 
 Prints figures; asserts nothing. Usage (real size: wrap in ``flock /tmp/heavy.lock``):
-    python benchmarks/bench_precision.py [--quick] [--layers 30] [--latents 8x8,16x16] [--blocks 7]
+    python -m benchmarks.bench_precision [--quick] [--layers 30] [--latents 8x8,16x16] [--blocks 7]
 
 * Models: the Wan2.1-T2V-1.3B architecture with random weights (``--layers`` of the real width;
   ``--quick``: 2 layers, 8x8 latents). "before" is ``model.py`` as it was before the trims
@@ -25,7 +25,6 @@ import argparse
 import resource
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -36,13 +35,13 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import selfforcing_core
+from benchmarks import bench_flops  # noqa: F401  (registers the CPU attention FLOP formula)
+from selfforcing_core.config import WAN_T2V_1P3B, WanConfig
+from selfforcing_core.model import CausalWanModel
+from selfforcing_core.rollout import NoiseSource, stream_blocks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_flops  # noqa: E402,F401  (registers the CPU attention FLOP formula)
-import selfforcing_core  # noqa: E402
-from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, stream_blocks  # noqa: E402
 
 BEFORE_COMMIT = "5c281c84fe8f398ef06713cfee2607e0364f69b9"  # model.py with float64 RoPE per layer, 5-op RMSNorm
 

@@ -1,7 +1,7 @@
 """Samplers side by side: chunk-wise 4-step, frame-wise 4/2/1-step (Causal Forcing), Rolling Forcing.
 
 Prints figures; asserts nothing. Usage (heavy: wrap in ``flock /tmp/heavy.lock``):
-    python benchmarks/bench_samplers.py [--config 1.3b|tiny] [--layers N] [--latent 8x8] [--latent-frames 15]
+    python -m benchmarks.bench_samplers [--config 1.3b|tiny] [--layers N] [--latent 8x8] [--latent-frames 15]
 
 * Timing: one run per sampler of ``--latent-frames`` latent frames with random weights in the
   real architecture (``--layers`` keeps the real width with fewer layers), fp32, warm (one
@@ -13,26 +13,23 @@ Prints figures; asserts nothing. Usage (heavy: wrap in ``flock /tmp/heavy.lock``
   code on a tiny model, then every call is counted at the real size.
 """
 import argparse
-import sys
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_flops import cpu_attention_flops  # noqa: E402,F401  (registers the CPU attention formula)
-from selfforcing_core.families import FAMILIES  # noqa: E402
-from selfforcing_core.kv_cache import CacheRules, WritePlan  # noqa: E402
-from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel, WanConfig  # noqa: E402
-from selfforcing_core.rollout import NoiseSource, blocks_covering, stream_blocks  # noqa: E402
-from selfforcing_core.rolling_forcing import RollingForcingCache, stream_rolling  # noqa: E402
-from selfforcing_core.units import video_frames_for  # noqa: E402
-
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
+from benchmarks.bench_flops import cpu_attention_flops  # noqa: F401  (registers the CPU attention formula)
+from selfforcing_core.config import WAN_T2V_1P3B, WanConfig
+from selfforcing_core.families import FAMILIES
+from selfforcing_core.kv_cache import CacheRules, WritePlan
+from selfforcing_core.model import CausalWanModel
+from selfforcing_core.rollout import NoiseSource, blocks_covering, stream_blocks
+from selfforcing_core.rolling_forcing import RollingForcingCache, stream_rolling
+from selfforcing_core.units import video_frames_for
+from support.tiny import TINY
 SAMPLERS = {
     "chunk-wise, 4 steps (Self Forcing)": FAMILIES["self_forcing"],
     "frame-wise, 4 steps (Causal Forcing)": FAMILIES["causal_forcing_framewise"],

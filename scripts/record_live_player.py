@@ -1,6 +1,6 @@
 """Record the README's animated picture of the live player from the real frontend.
 
-    .venv/bin/python scripts/record_live_player.py [--out workflows/live_player.webp]
+    .venv/bin/python -m scripts.record_live_player [--out workflows/live_player.webp]
 
 Starts the host with a small random-weight generator (the picture shows the player, not a
 model's quality), opens workflows/live_stream.json in headless Chromium, queues it (length 0:
@@ -9,12 +9,9 @@ sampler node throughout; PIL assembles the screenshots into an animated WebP.
 """
 import argparse
 import io
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+from support.comfy_paths import REPO_ROOT
 
 NODE_RECT_JS = """(id) => {
   const node = app.graph.getNodeById(Number(id));
@@ -29,37 +26,26 @@ NODE_RECT_JS = """(id) => {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "workflows" / "live_player.webp"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "workflows" / "live_player.webp"))
     parser.add_argument("--blocks", type=int, default=4, help="blocks before the typed prompt, and after it")
     args = parser.parse_args()
 
-    import torch
     from PIL import Image
 
-    from comfy_paths import comfyui_root
-    from comfy_server import ComfyServer
-    from decoder_weights import taehv_state_dict
-    from frontend import Frontend
-    from selfforcing_core.model import CausalWanModel, WanConfig
-    from selfforcing_core.prompt_embeddings import save_prompt_embeddings
-    from test_live_browser import PLAYER_JS, QUEUE_JS, WORKFLOW
-    from test_workflows_browser import swap_in_tiny_models
+    from support.comfy_host import write_tiny_models
+    from support.comfy_paths import comfyui_root
+    from support.comfy_server import ComfyServer
+    from support.frontend import Frontend
+    from support.live_player import LIVE_WORKFLOW, PLAYER_JS, QUEUE_JS
+    from support.tiny_workflows import swap_in_tiny_models
 
     server = ComfyServer(comfyui_root()).start()
     shots = []
     try:
-        torch.manual_seed(0)
-        config = WanConfig(dim=256, ffn_dim=512, num_layers=2, num_heads=2, text_dim=32)
-        server.write_safetensors("diffusion_models", "sf_tiny.safetensors",
-                                 {f"model.diffusion_model.{k}": v for k, v in CausalWanModel(config).state_dict().items()})
-        server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
-        for seed, name in ((1, "cat"), (2, "dog")):
-            context = torch.randn(1, 12, config.text_dim, generator=torch.Generator().manual_seed(seed))
-            save_prompt_embeddings(server.model_dir("prompt_embeddings") / f"{name}.safetensors",
-                                   [(context, {"pooled_output": None})])
+        write_tiny_models(server)
         with Frontend(server) as frontend:
             page = frontend.page
-            frontend.open_workflow(WORKFLOW.read_text(), WORKFLOW.name)
+            frontend.open_workflow(LIVE_WORKFLOW.read_text(), LIVE_WORKFLOW.name)
             prompt = frontend.graph_to_prompt()
             swap_in_tiny_models(prompt)
             node = next(i for i, n in prompt.items() if n["class_type"] == "SelfForcingStreamingSampler")

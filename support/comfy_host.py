@@ -7,14 +7,16 @@ import json
 import struct
 import uuid
 
-from selfforcing_core.model import WanConfig
+import torch
+
+from selfforcing_core.model import CausalWanModel
+from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 from support.comfy_paths import REPO_ROOT, comfyui_root
 from support.comfy_server import ComfyServer, PACK_NAME, PromptExecutionError, PromptValidationError  # noqa: F401
+from support.decoder_weights import taehv_state_dict
+from support.tiny import HOST_TINY
 
 SETUP_ERROR_FILE = REPO_ROOT / ".host" / "setup-error.txt"
-
-# Head dim 128 as in every released Wan2.1 model, so the loader infers the head count itself.
-E2E_CONFIG = WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32)
 
 
 def find_host_or_skip():
@@ -38,6 +40,28 @@ def session_server():
         yield server
     finally:
         server.stop()
+
+
+def write_tiny_generator(server, name="sf_tiny.safetensors", config=HOST_TINY, prefix="model.diffusion_model."):
+    """A random generator of ``config`` (seed 0) in the server's diffusion_models, keys under ``prefix``."""
+    torch.manual_seed(0)
+    state_dict = CausalWanModel(config).state_dict()
+    server.write_safetensors("diffusion_models", name, {prefix + key: value for key, value in state_dict.items()})
+
+
+def write_tiny_prompts(server, names=("cat", "dog"), text_dim=HOST_TINY.text_dim):
+    """Random prompt embeddings [1, 12, text_dim] (seeds 1, 2, ...) saved as ``<name>.safetensors``."""
+    for seed, name in enumerate(names, start=1):
+        context = torch.randn(1, 12, text_dim, generator=torch.Generator().manual_seed(seed))
+        save_prompt_embeddings(server.model_dir("prompt_embeddings") / f"{name}.safetensors",
+                               [(context, {"pooled_output": None})])
+
+
+def write_tiny_models(server, config=HOST_TINY):
+    """The tiny generator ``sf_tiny.safetensors``, TAEHV under its real name and the prompts cat / dog."""
+    write_tiny_generator(server, config=config)
+    server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
+    write_tiny_prompts(server, text_dim=config.text_dim)
 
 
 def run_watching(server, graph, node, on_progress=None):

@@ -8,10 +8,9 @@ import os
 import sys
 
 import pytest
-import torch
 
 from support.comfy_paths import REPO_ROOT, comfyui_root
-from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
+from support.decoder_weights import wan_vae_state_dict
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 
@@ -61,19 +60,9 @@ def comfy_api_import(comfy_import):
 def server(comfy_server):
     """The session server with a tiny generator, decoders and two prompts in its model folders
     (the node end-to-end tests; a test module may define its own ``server``)."""
-    from selfforcing_core.model import CausalWanModel
-    from selfforcing_core.prompt_embeddings import save_prompt_embeddings
-    from support.comfy_host import E2E_CONFIG
+    from support.comfy_host import write_tiny_models
 
-    torch.manual_seed(0)
-    model = CausalWanModel(E2E_CONFIG)
-    comfy_server.write_safetensors("diffusion_models", "sf_tiny.safetensors",
-                                   {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()})
+    write_tiny_models(comfy_server)
     comfy_server.write_safetensors("diffusion_models", "not_a_generator.safetensors", wan_vae_state_dict())
-    comfy_server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
     comfy_server.write_safetensors("vae", "wan_2.1_vae.safetensors", wan_vae_state_dict())
-    for seed, name in ((1, "cat"), (2, "dog")):
-        context = torch.randn(1, 12, E2E_CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
-        save_prompt_embeddings(comfy_server.model_dir("prompt_embeddings") / f"{name}.safetensors",
-                               [(context, {"pooled_output": None})])
     return comfy_server

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from support.comfy_host import find_host_or_skip
 from support.comfy_paths import REPO_ROOT
 from support.decoder_weights import taehv_state_dict
-from selfforcing_core.model import CausalWanModel, WanConfig
+from support.tiny import HOST_TINY
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 
 pytestmark = pytest.mark.host
@@ -34,7 +35,7 @@ def test_generates_an_mp4_from_the_official_file_names(tmp_path):
     find_host_or_skip()
     models = tmp_path / "models"
     torch.manual_seed(0)
-    model = CausalWanModel(WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32))
+    model = CausalWanModel(HOST_TINY)
     ema = {f"model.{k}": v for k, v in model.state_dict().items()}
     (models / "diffusion_models").mkdir(parents=True)
     torch.save({"generator_ema": ema, "generator": ema}, models / "diffusion_models" / "self_forcing_dmd.pt")

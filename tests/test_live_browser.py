@@ -1,42 +1,26 @@
 """The live player (web/live_player.js) in the host's real frontend, in headless Chromium.
 
 The "Live stream" workflow is opened through the frontend's file-open path, the tiny models are
-swapped in (as in test_workflows_browser; live text names a saved prompt embedding since no
-umT5 small enough for a test loads), the length stays 0 (until Stop) and the page queues it as
+swapped in (support.tiny_workflows; live text names a saved prompt embedding since no umT5
+small enough for a test loads), the length stays 0 (until Stop) and the page queues it as
 its own tab does. The player must grow block by block, a prompt typed into it must take over at
 a block boundary after it was typed, and Stop must keep every frame.
 """
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from frontend import FIT_VIEW_JS, Frontend, chromium_or_skip
-from test_nodes_e2e import server, video_frames  # noqa: F401
-from test_workflows_browser import swap_in_tiny_models
+from support.files import video_frames
+from support.frontend import FIT_VIEW_JS, Frontend, chromium_or_skip
+from support.live_player import LIVE_WORKFLOW, PLAYER_JS, QUEUE_JS
+from support.tiny_workflows import swap_in_tiny_models
 
 pytestmark = pytest.mark.host
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "live_stream.json"
-
-# Queue the open graph's prompt as this tab (its websocket client id), with the tiny models swapped in.
-QUEUE_JS = """async (prompt) => {
-  const workflow = (await app.graphToPrompt()).workflow;
-  const response = await app.api.fetchApi("/prompt", {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({prompt, client_id: app.api.clientId, extra_data: {extra_pnginfo: {workflow}}})});
-  return (await response.json()).prompt_id;
-}"""
-PLAYER_JS = """(id) => {
-  const p = app.graph.getNodeById(Number(id)).selfForcingLive;
-  return {promptId: p.promptId, blocks: p.blocks, received: p.received, shown: p.shown, ended: p.ended,
-          switches: p.switches, latencies: p.latencies, arrivals: p.arrivals, fps: p.achievedFps,
-          message: p.message.textContent,
-          stats: p.stats.textContent, now: Date.now() / 1000};
-}"""
 
 
 @pytest.fixture(scope="module")
-def frontend(server):  # noqa: F811
+def frontend(server):
     chromium_or_skip()
     with Frontend(server) as opened:
         yield opened
@@ -47,7 +31,7 @@ def sampler_id(prompt):
 
 
 def open_live_workflow(frontend):
-    report = frontend.open_workflow(WORKFLOW.read_text(), WORKFLOW.name)
+    report = frontend.open_workflow(LIVE_WORKFLOW.read_text(), LIVE_WORKFLOW.name)
     assert report["unregistered"] == [] and report["errors"] == [] and report["dialogs"] == [], report
     frontend.page.evaluate(FIT_VIEW_JS)  # zoom to fit: the player's prompt box is on screen
     prompt = frontend.graph_to_prompt()
@@ -67,7 +51,7 @@ def wait_player(frontend, node, condition: str, timeout_ms=240_000):
     return player(frontend, node)
 
 
-def test_the_player_streams_takes_a_typed_prompt_and_stop_keeps_every_frame(frontend, server):  # noqa: F811
+def test_the_player_streams_takes_a_typed_prompt_and_stop_keeps_every_frame(frontend, server):
     prompt, node = open_live_workflow(frontend)
     assert "queue the workflow" in player(frontend, node)["stats"]
     prompt_id = frontend.page.evaluate(QUEUE_JS, prompt)

@@ -7,13 +7,14 @@ import uuid
 
 import pytest
 
-from test_nodes_e2e import sampler_graph, saved_video, server, video_frames  # noqa: F401
+from support.comfy_host import PromptValidationError, sampler_graph, saved_video
+from support.files import video_frames
 
 pytestmark = pytest.mark.host
 SAMPLER = "4"
 
 
-def post(server, route, payload):  # noqa: F811
+def post(server, route, payload):
     """(HTTP status, JSON answer) of a POST, refusals included."""
     try:
         return 200, server.post(route, payload)
@@ -28,7 +29,7 @@ def live_graph(length=0, record=True):
     return graph
 
 
-def run_live(server, graph, on_block):  # noqa: F811
+def run_live(server, graph, on_block):
     """Queue ``graph`` as a browser tab would and call on_block(event, prompt_id) (in a thread) for
     every `selfforcing.live` block event; returns (the events of the run, the final event type)."""
     import aiohttp
@@ -53,7 +54,7 @@ def run_live(server, graph, on_block):  # noqa: F811
     return asyncio.run(asyncio.wait_for(watch(), 300))
 
 
-def test_live_switch_stop_and_keep_recording_and_prompt_log(server):  # noqa: F811
+def test_live_switch_stop_and_keep_recording_and_prompt_log(server):
     answers = {}
 
     def steer(event, prompt_id):
@@ -105,7 +106,7 @@ def test_live_switch_stop_and_keep_recording_and_prompt_log(server):  # noqa: F8
     assert len(video_frames(saved_video(server, server.run(live_graph(length=13, record=False), timeout=300)))) == 13
 
 
-def test_live_requests_to_nothing_running_are_refused_clearly(server):  # noqa: F811
+def test_live_requests_to_nothing_running_are_refused_clearly(server):
     status, answer = post(server, "/selfforcing/live/prompt", {"prompt_id": "nope", "node_id": "4", "text": "dog"})
     assert status == 409 and "is not running a Self-Forcing sampler" in answer["error"]
     status, answer = post(server, "/selfforcing/live/stop", {"prompt_id": "nope", "node_id": "4"})
@@ -114,9 +115,7 @@ def test_live_requests_to_nothing_running_are_refused_clearly(server):  # noqa: 
     assert status == 400 and "prompt_id" in answer["error"]
 
 
-def test_length_zero_without_a_window_is_refused_before_running(server):  # noqa: F811
-    from comfy_host import PromptValidationError
-
+def test_length_zero_without_a_window_is_refused_before_running(server):
     graph = live_graph()
     graph[SAMPLER]["inputs"]["kv_window_frames"] = 0
     with pytest.raises(PromptValidationError, match="needs a rolling KV window"):

@@ -10,10 +10,11 @@ from selfforcing_core.kv_cache import CacheRules
 from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import max_latent_frames
 from selfforcing_core.prompt_embeddings import save_prompt_embeddings
-from support.comfy_host import (E2E_CONFIG, PromptExecutionError, PromptValidationError, run_watching,
+from support.comfy_host import (PromptExecutionError, PromptValidationError, run_watching,
                                 sampler_graph, saved_video)
 from support.decoder_weights import taehv_state_dict
 from support.files import video_frames
+from support.tiny import HOST_TINY
 
 pytestmark = pytest.mark.host
 
@@ -154,13 +155,13 @@ def test_damaged_weight_files_give_the_packs_errors_naming_the_file_and_the_tens
     """NaN / Inf in a model, LoRA, decoder or prompt embedding, a zero-byte or non-tensor LoRA, and a
     LoRA aimed at a whole block: each run fails with the pack's own error (no install path in its
     type name) naming the file, never a raw library error or a silent black video."""
-    sd = CausalWanModel(E2E_CONFIG).state_dict()
+    sd = CausalWanModel(HOST_TINY).state_dict()
     sd["blocks.1.ffn.2.weight"][0, 0] = float("nan")
     server.write_safetensors("diffusion_models", "nan_model.safetensors", sd)
     decoder = taehv_state_dict()
     decoder["decoder.1.weight"].view(-1)[0] = float("inf")
     server.write_safetensors("vae_approx", "taew2_1_inf.safetensors", decoder)
-    context = torch.full((1, 12, E2E_CONFIG.text_dim), float("nan"))
+    context = torch.full((1, 12, HOST_TINY.text_dim), float("nan"))
     save_prompt_embeddings(server.model_dir("prompt_embeddings") / "nan_prompt.safetensors", [(context, {"pooled_output": None})])
     down, up = torch.randn(4, 256), torch.randn(256, 4)
     server.write_safetensors("loras", "nan_lora.safetensors", {"blocks.0.ffn.2.lora_down.weight": down.clone().fill_(float("nan")),

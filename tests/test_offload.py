@@ -1,19 +1,22 @@
 """Block offload: same outputs as a resident model, blocks streamed in once per call and released."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from selfforcing_core.checkpoint import load_generator
-from selfforcing_core.model import CausalWanModel, WanConfig
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.offload import offload_blocks
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
+from support.tiny import TINY
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_layers=3, num_heads=2, text_dim=32, text_len=16)
+THREE_BLOCKS = replace(TINY, num_layers=3)
 PROMPT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
 
 
 def tiny_model(fp8="off"):
     torch.manual_seed(0)
-    return load_generator(CausalWanModel(TINY).state_dict(), dtype="fp32", num_heads=2, text_len=16, fp8=fp8)
+    return load_generator(CausalWanModel(THREE_BLOCKS).state_dict(), dtype="fp32", num_heads=2, text_len=16, fp8=fp8)
 
 
 def rollout(model):

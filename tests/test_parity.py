@@ -10,6 +10,7 @@ from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
 from support.files import write_model_root
+from support.tiny import OTHER_TINY
 
 
 def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, prefill_frames: int):
@@ -43,10 +44,9 @@ def write_fixture_root(root, cfg: WanConfig, case: dict, latent_hw, batch: int, 
 
 
 def test_parity_reproduces_a_fixture_root_with_other_shapes(tmp_path):
-    cfg = WanConfig(dim=48, ffn_dim=96, num_layers=2, num_heads=3, text_dim=24, text_len=8)
     case = {"num_blocks": 3, "local_attn_size": 5, "sink_size": 2, "num_frame_per_block": 3,
             "timestep_shift": 8.0, "context_noise": 0}
-    write_fixture_root(tmp_path / "other", cfg, case, latent_hw=(6, 4), batch=2, prefill_frames=3)
+    write_fixture_root(tmp_path / "other", OTHER_TINY, case, latent_hw=(6, 4), batch=2, prefill_frames=3)
     comparisons = run_parity(tmp_path / "other")
     assert [c.tensor for c in comparisons] == ["final_latents"]
     assert all(c.passed for c in comparisons), [c.line() for c in comparisons]
@@ -130,7 +130,7 @@ def write_flat_case(folder, model: CausalWanModel, case: dict, plan: list[int], 
 def test_parity_reproduces_flat_format_roots_with_other_plans_steps_and_shapes(tmp_path):
     """Frame-wise with a rolling window and sink, 3-step first block then 2-step blocks; independent
     first frame; an image-to-video prefill frame: other heads, sizes and batch than the fixtures."""
-    cfg = WanConfig(dim=48, ffn_dim=96, num_layers=2, num_heads=3, text_dim=24, text_len=8)
+    cfg = OTHER_TINY
     root, schedule = tmp_path / "flat", FlowMatchSchedule(5.0)
     model = write_model_root(root, cfg)
     base = {"local_attn_size": -1, "sink_size": 0, "timestep_shift": 5.0, "context_noise": 0}

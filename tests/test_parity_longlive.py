@@ -14,6 +14,7 @@ from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, PromptSwitch, StreamSettings, sample_video
 from selfforcing_core.schedule import FlowMatchSchedule
+from support.tiny import OTHER_TINY
 
 CASES = ("infinite", "lora", "rolling_sink", "switch", "switch_noglobalsink")
 
@@ -134,8 +135,7 @@ def write_longlive_root(root, cfg: WanConfig, latent_hw, window: int, sink: int,
 
 
 def test_parity_reproduces_a_longlive_root_with_other_shapes_window_and_switch(tmp_path):
-    cfg = WanConfig(dim=48, ffn_dim=96, num_layers=2, num_heads=3, text_dim=24, text_len=8)
-    write_longlive_root(tmp_path / "other", cfg, latent_hw=(6, 4), window=6, sink=3, num_blocks=5)
+    write_longlive_root(tmp_path / "other", OTHER_TINY, latent_hw=(6, 4), window=6, sink=3, num_blocks=5)
     comparisons = run_parity(tmp_path / "other")
     assert {c.case for c in comparisons} == {"infinite", "switch", "switch_noglobalsink", "lora"}
     assert all(c.passed and c.max_abs_error < 1e-4 for c in comparisons), [c.line() for c in comparisons]

@@ -10,7 +10,7 @@ from selfforcing_core import checkpoint
 from selfforcing_core.model import RopeTable, rope_tables, sinusoidal_embedding
 from selfforcing_core.runtime_options import load_with_options
 from selfforcing_core.rollout import NoiseSource, sample_video
-from tiny import tiny_model, tiny_prompt
+from support.tiny import tiny_model, tiny_prompt
 
 # The host-side table builders: the only code allowed to make float64 tensors (on the CPU).
 HOST_TABLE_CODE = {sinusoidal_embedding.__code__, rope_tables.__code__, RopeTable.cos_sin.__code__}

@@ -6,13 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfforcing_core.model import WanConfig
 from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.rolling_forcing import sample_rolling, stream_rolling, window_blocks, window_levels
 from selfforcing_core.schedule import FlowMatchSchedule
 from support.files import write_model_root
-from support.tiny import tiny_model, tiny_prompt
+from support.tiny import OTHER_TINY, tiny_model, tiny_prompt
 
 LATENT = (16, 8, 6)
 
@@ -45,7 +44,7 @@ def test_parity_reproduces_rolling_roots_with_other_steps_windows_and_shapes(tmp
     """3 steps (window of 3 blocks), 2-frame blocks, a 10-frame cache and 8-frame attention view,
     other heads, latent size and batch; expected from a float64 run of the sampler, draws indexed
     by the regular-video rule (block b re-noised after window b + level)."""
-    cfg = WanConfig(dim=48, ffn_dim=96, num_layers=2, num_heads=3, text_dim=24, text_len=8)
+    cfg = OTHER_TINY
     root = tmp_path / "rolling"
     model = write_model_root(root, cfg)
     num_blocks, fpb, steps, batch, hw = 7, 2, 3, 2, (6, 4)

@@ -63,4 +63,4 @@ def test_shared_workflow_widget_values_match_the_pinned_inputs(path):
         if node["type"] in PINNED:
             assert len(node["widgets_values"]) == widget_count(PINNED[node["type"]]), (
                 f"{path.name}: node {node['id']} ({node['type']}) has {node['widgets_values']}; "
-                "regenerate with workflows/generate.py")
+                "regenerate with `python -m workflows.generate`")

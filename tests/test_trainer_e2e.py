@@ -2,29 +2,22 @@
 import pytest
 import torch
 
-from support.comfy_host import PromptExecutionError, PromptValidationError, run_watching
+from support.comfy_host import (ComfyServer, PromptExecutionError, PromptValidationError, find_host_or_skip,
+                                run_watching, write_tiny_generator, write_tiny_prompts)
 from support.decoder_weights import taehv_state_dict
 from support.files import write_gif
+from support.tiny import HOST_TINY
 from selfforcing_core.lora import read_lora
-from selfforcing_core.model import CausalWanModel, WanConfig
-from selfforcing_core.prompt_embeddings import save_prompt_embeddings
 from selfforcing_core.loss_curves import format_losses
 
 pytestmark = pytest.mark.host
 
-CONFIG = WanConfig(dim=256, ffn_dim=256, num_layers=2, num_heads=2, text_dim=32)  # head dim 128 as released
-
-
 @pytest.fixture(scope="module")
 def server(comfy_server, tmp_path_factory):
     """The session server with a tiny generator, TAEHV, two prompt embeddings and a clip folder."""
-    torch.manual_seed(0)
-    comfy_server.write_safetensors("diffusion_models", "sf_train_tiny.safetensors", CausalWanModel(CONFIG).state_dict())
+    write_tiny_generator(comfy_server, "sf_train_tiny.safetensors", prefix="")
     comfy_server.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
-    for seed, name in ((1, "train_prompt"), (2, "train_negative")):
-        context = torch.randn(1, 12, CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
-        save_prompt_embeddings(comfy_server.model_dir("prompt_embeddings") / f"{name}.safetensors",
-                               [(context, {"pooled_output": None})])
+    write_tiny_prompts(comfy_server, ("train_prompt", "train_negative"))
     clips = comfy_server.base_dir / "input" / "train_clips"
     clips.mkdir(parents=True, exist_ok=True)
     for c in range(2):
@@ -63,7 +56,7 @@ def test_trainer_node_trains_saves_a_loadable_lora_and_a_checkpoint(server):
     assert progress == [(1, 3), (2, 3), (3, 3)] and previews == 1  # the loss curves after the last step
     saved = server.wait(prompt_id)["outputs"]["6"]
     adapters = read_lora(server.model_dir("loras") / "e2e_lora_00001_.safetensors")
-    assert len(adapters) == CONFIG.num_layers * 10
+    assert len(adapters) == HOST_TINY.num_layers * 10
     checkpoint = read_checkpoint(server, "e2e_lora")
     assert checkpoint["step"] == 3 and len(checkpoint["history"]) == 3
     assert "broken.mp4" in server.log()
@@ -177,7 +170,6 @@ def test_clip_encoding_far_beyond_any_memory_is_refused_with_the_estimate(server
 def test_an_owner_widens_the_readable_clip_folders_with_extra_model_paths(comfy_server, tmp_path):
     """A selfforcing_clips entry in extra_model_paths.yaml makes its subfolders usable by name; a
     sibling folder outside it stays refused."""
-    from comfy_host import ComfyServer, find_host_or_skip
     datasets = tmp_path / "datasets"
     (datasets / "walks").mkdir(parents=True)
     (tmp_path / "private").mkdir()
@@ -189,10 +181,7 @@ def test_an_owner_widens_the_readable_clip_folders_with_extra_model_paths(comfy_
     owner = ComfyServer(find_host_or_skip(), extra_args=["--extra-model-paths-config", str(config)]).start()
     try:
         owner.write_safetensors("vae_approx", "taew2_1.safetensors", taehv_state_dict())
-        for seed, name in ((1, "train_prompt"), (2, "train_negative")):
-            context = torch.randn(1, 12, CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
-            save_prompt_embeddings(owner.model_dir("prompt_embeddings") / f"{name}.safetensors",
-                                   [(context, {"pooled_output": None})])
+        write_tiny_prompts(owner, ("train_prompt", "train_negative"))
         graph = {key: node for key, node in trainer_graph(owner, "unused", steps=1).items() if key in ("2", "3", "4", "5")}
         graph["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
         graph["5"]["inputs"]["folder"] = "walks"

@@ -4,12 +4,7 @@ Each file is opened through the frontend's file-open path and must show no missi
 in error and no dialog or alert; the frontend turns it into a prompt (app.graphToPrompt), the
 tiny test models are swapped in, the prompt runs through POST /prompt and its videos are checked.
 
-Swapping in the tiny models (the real ones are gigabytes): the generator file name is pointed at
-the tiny generator; the decoder and VAE files exist under their real names (tiny weights in the
-real layouts); each umT5 branch (CLIPLoader + CLIP Text Encode) becomes Load Prompt Embeddings of
-a tiny embedding file, because no umT5 small enough for a test loads in the host (its config is
-fixed at the XXL size), and optional CLIP inputs (caption encoding) are left open; video sizes
-shrink to 64x48 and frame counts in proportion; training runs 2 steps on two tiny clips.
+The tiny models are swapped in by ``support.tiny_workflows``.
 A train-then-sample workflow runs twice: as saved (training; sampling nodes muted), then with
 the training nodes muted and the rest unmuted, as its note tells the user.
 
@@ -24,16 +19,12 @@ import pytest
 
 from support.files import video_frames, write_gif
 from support.frontend import Frontend, chromium_or_skip, write_example_images
+from support.tiny_workflows import TINY_HEIGHT, TINY_TRAINING, TINY_WIDTH, swap_in_tiny_models
 
 pytestmark = pytest.mark.host
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
-TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors", "causal_forcing_framewise.pt": "sf_tiny.safetensors"}
-TINY_PROMPTS = ["cat.safetensors", "dog.safetensors"]
-TINY_WIDTH, TINY_HEIGHT = 64, 48
-TINY_TRAINING = {"SelfForcingTrainingClips": {"width": 32, "height": 32, "length": 9},
-                 "SelfForcingTrainer": {"steps": 2, "lora_rank": 4, "save_every": 1}}
 TRAINING_NODES = set(TINY_TRAINING)
 MUTED = 2
 # Second stage of a two-stage workflow (train, then sample): what the note tells the user to do.
@@ -43,7 +34,7 @@ NEXT_STAGE_JS = f"""() => app.graph._nodes.forEach((node) => {{
 
 
 @pytest.fixture(scope="module")
-def frontend(server):  # noqa: F811
+def frontend(server):
     chromium_or_skip()
     with Frontend(server) as opened:
         yield opened
@@ -55,58 +46,6 @@ def screenshot_dir(tmp_path_factory):
     folder.mkdir(parents=True, exist_ok=True)
     print(f"\nworkflow screenshots in {folder}")
     return folder
-
-
-def tiny_length(length: int) -> int:
-    """Pixel frames (4n + 1) of the tiny run: 25 for a clip up to 81 frames, else 37."""
-    return 25 if length <= 81 else 37
-
-
-def swap_in_tiny_models(prompt: dict) -> dict:
-    """The frontend's API prompt with tiny models, prompt embeddings and sizes (see module docstring);
-    returns {SaveVideo node id: expected frame count}."""
-    encoders = sorted(node_id for node_id, node in prompt.items() if node["class_type"] == "CLIPTextEncode")
-    for index, node_id in enumerate(encoders):
-        prompt[node_id] = {"class_type": "SelfForcingLoadPromptEmbeddings",
-                           "inputs": {"embeddings": TINY_PROMPTS[index % len(TINY_PROMPTS)]}}
-    text_encoders = [node_id for node_id, node in prompt.items() if node["class_type"] == "CLIPLoader"]
-    for node_id in text_encoders:
-        del prompt[node_id]
-    for node in prompt.values():  # e.g. the training clips' optional caption encoder
-        for name in [n for n, value in node["inputs"].items() if isinstance(value, list) and value[0] in text_encoders]:
-            del node["inputs"][name]
-    lengths = {}
-    for node_id, node in prompt.items():
-        inputs = node["inputs"]
-        for name, value in inputs.items():
-            if isinstance(value, str) and value in TINY_FILES:
-                inputs[name] = TINY_FILES[value]
-        inputs.update(TINY_TRAINING.get(node["class_type"], {}))
-        if node["class_type"].startswith("SelfForcing") and "seed" in inputs and "width" in inputs:
-            scale = (tiny_length(inputs["length"]) - 1) / (inputs["length"] - 1)
-            inputs.update(width=TINY_WIDTH, height=TINY_HEIGHT, length=tiny_length(inputs["length"]))
-            lengths[node_id] = inputs["length"]
-            if inputs.get("kv_window_frames"):
-                inputs["kv_window_frames"] = 6
-            for switch in schedule_nodes(prompt, inputs.get("prompt_schedule")):
-                switch["start_frame"] = 1 + round((switch["start_frame"] - 1) * scale)
-    return {node_id: lengths[source_sampler(prompt, node_id)]
-            for node_id, node in prompt.items() if node["class_type"] == "SaveVideo"}
-
-
-def schedule_nodes(prompt, link):
-    """Inputs of every Prompt Schedule node chained into a sampler's prompt_schedule link."""
-    while link:
-        inputs = prompt[link[0]]["inputs"]
-        yield inputs
-        link = inputs.get("prompt_schedule")
-
-
-def source_sampler(prompt, node_id):
-    """The sampler a SaveVideo's frames come from (following the first link of each node upstream)."""
-    while "width" not in prompt[node_id]["inputs"]:
-        node_id = next(v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list))
-    return node_id
 
 
 def test_there_are_workflows_to_check():
@@ -122,7 +61,7 @@ def test_a_workflow_with_a_node_the_host_lacks_is_reported(frontend):
     assert any("SelfForcingRenamedSampler" in dialog for dialog in report["dialogs"])
 
 
-def run_and_check_videos(server, prompt):  # noqa: F811
+def run_and_check_videos(server, prompt):
     """Swap in the tiny models, run, and check every saved video's frame count and size."""
     expected_frames = swap_in_tiny_models(prompt)
     entry = server.run(prompt, timeout=300)
@@ -134,7 +73,7 @@ def run_and_check_videos(server, prompt):  # noqa: F811
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda path: path.stem)
-def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screenshot_dir):  # noqa: F811
+def test_workflow_opens_in_the_frontend_and_runs(path, frontend, server, screenshot_dir):
     write_example_images(server.base_dir / "input", path.read_text())
     clips = server.base_dir / "input" / "self_forcing_clips"
     clips.mkdir(parents=True, exist_ok=True)

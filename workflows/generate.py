@@ -2,7 +2,7 @@
 
     .venv/bin/python -m workflows.generate [NAME ...]     (from the repository root)
 
-Starts the real ComfyUI host with this pack (support/comfy_host.py), builds every graph below in
+Starts the real ComfyUI host with this pack (support/comfy_server.py), builds every graph below in
 its own frontend inside headless Chromium (nodes made by LiteGraph, widgets set by name, saved
 the way the frontend's Export does), then opens each saved file through the frontend's
 file-open path and screenshots it as the thumbnail. Run it after changing a node's inputs.
@@ -216,8 +216,8 @@ SPECS = {
 
 
 def main(names):
-    from support.comfy_host import ComfyServer
     from support.comfy_paths import comfyui_root
+    from support.comfy_server import ComfyServer
     from support.frontend import Frontend, write_example_images
 
     root = comfyui_root()
