@@ -1,8 +1,15 @@
-"""The core's import graph: no cycle (so every module sits above all it imports), and the core never
-imports the nodes, the support helpers or ComfyUI."""
+"""The repository's shape: the core's import graph has no cycle (so every module sits above all it
+imports) and never reaches the nodes, the support helpers or ComfyUI; the tooling imports its
+helpers from ``support`` (no sys.path edits outside tests/conftest.py, no test module importing
+another, the tiny model configs written once)."""
 import ast
+import os
 from pathlib import Path
 
+import pytest
+
+from selfforcing_core.config import WanConfig
+from support import tiny
 from support.comfy_paths import REPO_ROOT
 
 CORE = REPO_ROOT / "selfforcing_core"
@@ -74,6 +81,19 @@ def layers(graph: dict[str, set[str]]) -> dict[str, int]:
     return height
 
 
+def python_files():
+    """Every .py file of the repository (hidden folders such as .venv and .host left out)."""
+    for folder, subfolders, files in os.walk(REPO_ROOT):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__pycache__")
+        yield from (Path(folder) / name for name in sorted(files) if name.endswith(".py"))
+
+
+def test_the_cycle_check_names_a_cycle():
+    with pytest.raises(AssertionError, match="import cycle: a -> b -> c -> a"):
+        layers({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()})
+    assert layers({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"b": 0, "a": 1, "c": 2}
+
+
 def test_core_import_graph_has_no_cycle():
     """Without a cycle every module has a height above everything it imports (printed: the layers)."""
     graph, _ = import_graph()
@@ -87,3 +107,60 @@ def test_core_never_imports_nodes_support_or_comfyui():
     _, foreign = import_graph()
     leaks = {module: sorted(names & set(FOREIGN)) for module, names in foreign.items() if names & set(FOREIGN)}
     assert leaks == {}
+
+
+def is_sys_path(node) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+            and node.value.id == "sys")
+
+
+def sys_path_edits(source: str) -> list[int]:
+    """Lines that change ``sys.path``: sys.path.insert / append / extend / remove / clear, or an
+    assignment to sys.path or a slice of it."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            lines += [node.lineno] if node.func.attr in ("insert", "append", "extend", "remove", "clear") else []
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            lines += [node.lineno for target in targets
+                      if is_sys_path(target) or isinstance(target, ast.Subscript) and is_sys_path(target.value)]
+    return sorted(lines)
+
+
+def test_no_sys_path_edits_outside_the_conftest():
+    """Tests reach the repository through pytest.ini's pythonpath; benchmarks and scripts run as modules."""
+    assert sys_path_edits("import sys\nsys.path[:0] = [root]\nsys.path.insert(0, root)\nsys.path += [root]\n"
+                          "print(sys.path[0])\n") == [2, 3, 4]
+    edits = [f"{path.relative_to(REPO_ROOT)}:{line}" for path in python_files()
+             if path != REPO_ROOT / "tests" / "conftest.py" for line in sys_path_edits(path.read_text())]
+    assert edits == []
+
+
+def test_no_test_module_imports_another():
+    """Helpers shared by tests live in ``support``; a test module imports no ``test_*`` module."""
+    tests = {path.stem for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    found = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(REPO_ROOT)} imports {name}" for name in names
+                      if name.split(".")[-1] in tests or name.split(".")[0] in tests]
+    assert found == []
+
+
+def test_the_tiny_model_configs_are_written_once():
+    """A literal ``WanConfig(...)`` equal to one of support/tiny.py's configs anywhere else is a copy."""
+    shared = {"TINY": tiny.TINY, "HOST_TINY": tiny.HOST_TINY, "OTHER_TINY": tiny.OTHER_TINY}
+    copies = []
+    for path in python_files():
+        if path == REPO_ROOT / "support" / "tiny.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "WanConfig" and not node.args
+                    and all(isinstance(k.value, ast.Constant) for k in node.keywords)):
+                config = WanConfig(**{k.arg: k.value.value for k in node.keywords})
+                copies += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} is {name}"
+                           for name, value in shared.items() if config == value]
+    assert copies == []

@@ -1,11 +1,13 @@
-"""LoRA adapters: identity at creation, switching, merge equals adapter forward, file layout."""
+"""LoRA adapters (lora.py): identity at creation, switching, merge equals adapter forward; and the file
+layouts read by lora_files.py."""
 import os
 
 import pytest
 import torch
 
 from selfforcing_core.lora import (LoRALinear, active_adapter, adapter_parameters, inject_lora, load_adapter,
-                                   lora_layers, merge_lora, read_lora, save_lora)
+                                   lora_layers, merge_lora, save_lora)
+from selfforcing_core.lora_files import read_lora, read_lora_file
 from selfforcing_core.model import CausalWanModel
 from support.tiny import TINY
 
@@ -144,7 +146,6 @@ def write_layouts(folder, pairs):
 
 
 def test_every_layout_reads_to_the_same_adapters_and_says_where_alpha_came_from(tmp_path):
-    from selfforcing_core.lora import read_lora_file
     pairs = lora_tensors()
     paths = write_layouts(tmp_path, pairs)
     sources = {}
@@ -164,7 +165,6 @@ def test_every_layout_reads_to_the_same_adapters_and_says_where_alpha_came_from(
 
 
 def test_non_finite_lora_tensors_are_refused_by_name():
-    from selfforcing_core.lora import read_lora_file
     down, up = torch.randn(2, 64), torch.randn(64, 2)
     up[3, 1] = float("nan")
     with pytest.raises(ValueError, match=r"blocks\.0\.self_attn\.q\.lora_up\.weight.*non-finite"):

@@ -7,7 +7,7 @@ from support.comfy_host import (ComfyServer, PromptExecutionError, PromptValidat
 from support.decoder_weights import taehv_state_dict
 from support.files import write_gif
 from support.tiny import HOST_TINY
-from selfforcing_core.lora import read_lora
+from selfforcing_core.lora_files import read_lora
 from selfforcing_core.loss_curves import format_losses
 
 pytestmark = pytest.mark.host
