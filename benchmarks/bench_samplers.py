@@ -45,9 +45,7 @@ def stream(model, family, prompt, latent_frames: int, latent_hw, seed: int, cach
     noise = NoiseSource(torch.Generator().manual_seed(seed))
     num_blocks = blocks_covering(latent_frames, family.frames_per_block, family.first_block_frames)
     if family.sampler == "rolling":
-        return stream_rolling(model, prompt, num_blocks, (16, *latent_hw), noise=noise,
-                              timesteps=settings.step_lists()[1], schedule=settings.schedule(),
-                              frames_per_block=family.frames_per_block, cache=cache)
+        return stream_rolling(model, prompt, num_blocks, (16, *latent_hw), noise=noise, settings=settings, cache=cache)
     return stream_blocks(model, prompt, num_blocks, (16, *latent_hw), noise=noise, settings=settings, kv_cache=cache)
 
 

@@ -93,10 +93,8 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
             callback(info)
 
     if rolling:
-        timesteps = settings.step_lists()[1]
-        blocks = stream_rolling(model, prompt, num_blocks, latent_shape, noise=noise, timesteps=timesteps,
-                                schedule=settings.schedule(), frames_per_block=frames_per_block, callback=on_block,
-                                batch_size=prompt.shape[0])
+        blocks = stream_rolling(model, prompt, num_blocks, latent_shape, noise=noise, settings=settings,
+                                callback=on_block)
     else:
         blocks = stream_blocks(model, prompt, num_blocks, latent_shape, noise=noise,
                                settings=settings, callback=on_block, guide=guide,

@@ -26,8 +26,7 @@ import torch
 
 from .kv_cache import CacheRules, KVCache, WritePlan
 from .model import CausalWanModel, RopeTable, apply_rope
-from .rollout import NoiseSource, RolloutState
-from .schedule import FlowMatchSchedule
+from .rollout import NoiseSource, RolloutState, StreamSettings
 
 CACHE_FRAMES = 24  # clean cache of the release: anchor block + the 7 most recent blocks (3 frames each)
 ATTENTION_FRAMES = 21  # frames a call attends to: the model's 21-frame training length
@@ -141,34 +140,40 @@ class RollingForcingCache:
 
 @torch.no_grad()  # on a generator function: applied around each step, never left on between yields
 def stream_rolling(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int | None,
-                   latent_shape: tuple[int, int, int], *, noise: NoiseSource,
-                   timesteps: torch.Tensor, schedule: FlowMatchSchedule | None = None, frames_per_block: int = 3,
-                   cache_frames: int = CACHE_FRAMES, attention_frames: int = ATTENTION_FRAMES,
-                   callback: Callable[[dict], None] | None = None, batch_size: int = 1,
-                   cache: RollingForcingCache | None = None) -> Iterator[torch.Tensor]:
+                   latent_shape: tuple[int, int, int], *, noise: NoiseSource, settings: StreamSettings | None = None,
+                   callback: Callable[[dict], None] | None = None, cache: RollingForcingCache | None = None,
+                   batch_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield each block's final latents [B, frames_per_block, C, H, W] when it leaves the window.
 
-    prompt: [B, L, text_dim]. num_blocks: blocks to generate, or None for an endless stream.
-    latent_shape: (C, H, W). timesteps: the n fed timesteps (n = window size in blocks; release:
-    5 steps [1000, 800, 600, 400, 200] warped with shift 5). noise: ``block_noise(b, ...)`` gives
-    block b's starting noise; ``step_noise(b, w - b, ...)`` the fresh noise that re-noises block b
-    after window w (for a regular video w - b is the block's level, as in Self Forcing).
+    The signature of ``rollout.stream_blocks``. prompt: [B, L, text_dim]. num_blocks: blocks to
+    generate, or None for an endless stream. latent_shape: (C, H, W). settings: the later blocks'
+    step list (``settings.step_lists()[1]``: its n fed timesteps make a window of n blocks, every
+    block's list; release: 5 steps [1000, 800, 600, 400, 200] warped with shift 5), the schedule's
+    shift and frames per block; the sampler takes no prefill, prompt switches or first-block plan,
+    and its cache is its own (``kv_window_frames`` and ``sink_frames`` do not apply). noise: ``block_noise(b, ...)``
+    gives block b's starting noise; ``step_noise(b, w - b, ...)`` the fresh noise that re-noises
+    block b after window w (for a regular video w - b is the block's level, as in Self Forcing).
     callback: called per emitted block with the rollout's dict ``{"block", "num_blocks",
-    "start_frame", "latents", "frames", "state"}`` (``rollout.stream_blocks``); it may raise to stop. The first block leaves after n windows: time to the first
-    frame is n joint calls (growing windows) plus n cache updates.
+    "start_frame", "latents", "frames", "state"}``; it may raise to stop. cache: a
+    ``RollingForcingCache`` of another size (default: the release's 24 frames, 21 attended).
+    batch_size: default the prompt's batch. The first block leaves after n windows: time to the
+    first frame is n joint calls (growing windows) plus n cache updates.
     """
-    schedule = schedule or FlowMatchSchedule(5.0)
-    timesteps = torch.as_tensor(timesteps)
+    settings = settings or StreamSettings(sampler="rolling")
+    if settings.prefill is not None or settings.prompt_switches or settings.first_block_frames:
+        raise ValueError("the Rolling Forcing sampler takes no prefill, prompt switches or first-block plan; use a "
+                         "block-by-block sampler for those")
+    schedule, timesteps, frames_per_block = settings.schedule(), settings.step_lists()[1], settings.frames_per_block
     window_size = len(timesteps)
-    if attention_frames < (window_size + 1) * frames_per_block:
-        raise ValueError(f"attention_frames {attention_frames} cannot hold the anchor block and a window of "
-                         f"{window_size} blocks of {frames_per_block} frames; use at least "
-                         f"{(window_size + 1) * frames_per_block}")
+    batch_size = batch_size or prompt.shape[0]
     dtype, device = model.dtype, model.device
     channels, height, width = latent_shape
     shape = (batch_size, frames_per_block, channels, height, width)
-    cache = cache or RollingForcingCache(model, (height, width), frames_per_block, cache_frames, attention_frames,
-                                         batch_size)
+    cache = cache or RollingForcingCache(model, (height, width), frames_per_block, batch_size=batch_size)
+    if cache.attention_frames < (window_size + 1) * frames_per_block:
+        raise ValueError(f"attention_frames {cache.attention_frames} cannot hold the anchor block and a window of "
+                         f"{window_size} blocks of {frames_per_block} frames; use at least "
+                         f"{(window_size + 1) * frames_per_block}")
     cache.reset()
     state = RolloutState(cache, prompt.to(device))
     starting_noise, noisy, x0 = {}, {}, {}  # per block: its slice of noise, its re-noised latent, its latest x0

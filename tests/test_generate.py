@@ -74,7 +74,7 @@ def test_rolling_forcing_family_outputs_blocks_as_they_leave_the_window(model):
     family = FAMILIES["rolling_forcing"]
     schedule = FlowMatchSchedule(family.shift)
     expected = sample_rolling(model, prompt, 6, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(4)),
-                              timesteps=schedule.warp(family.steps))
+                              settings=StreamSettings(timesteps=schedule.warp(family.steps), sampler="rolling"))
     video = generate_video(model, prompt, 17, (4, 4), seed=4, settings=family.settings())
     assert torch.equal(video.latents, expected[:, :17])
     assert "leaves the 5-block window" in video.report

@@ -8,12 +8,17 @@ from safetensors.torch import load_file, save_file
 
 from selfforcing_core.parity import run_parity
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
-from selfforcing_core.rolling_forcing import sample_rolling, stream_rolling, window_blocks, window_levels
+from selfforcing_core.rolling_forcing import (RollingForcingCache, sample_rolling, stream_rolling, window_blocks,
+                                              window_levels)
 from selfforcing_core.schedule import FlowMatchSchedule
 from support.files import write_model_root
 from support.tiny import OTHER_TINY, tiny_model, tiny_prompt
 
 LATENT = (16, 8, 6)
+
+
+def rolling_settings(timesteps, frames_per_block=3) -> StreamSettings:
+    return StreamSettings(timesteps=timesteps, frames_per_block=frames_per_block, sampler="rolling")
 
 
 def test_rolling_forcing_fixtures_are_reproduced(fixtures_dir):
@@ -63,10 +68,11 @@ def test_parity_reproduces_rolling_roots_with_other_steps_windows_and_shapes(tmp
     draws = {}
     for draw, (_, block, level) in zip(inputs["renoise"], index.tolist()):
         draws.setdefault(block, {})[level] = draw.double()
-    expected = sample_rolling(model.double(), inputs["prompt_embeds"].double(), num_blocks, (16, *hw),
+    model = model.double()
+    expected = sample_rolling(model, inputs["prompt_embeds"].double(), num_blocks, (16, *hw),
                               noise=NoiseSource(initial=inputs["noise"].double(), renoise=draws),
-                              timesteps=inputs["denoising_step_list"], frames_per_block=fpb, batch_size=batch,
-                              cache_frames=10, attention_frames=8)
+                              settings=rolling_settings(inputs["denoising_step_list"], frames_per_block=fpb),
+                              cache=RollingForcingCache(model, hw, fpb, 10, 8, batch))
     save_file({"final_latents": expected.float()}, str(root / "case" / "outputs.safetensors"))
     comparisons = run_parity(root)
     assert [c.tensor for c in comparisons] == ["final_latents"]
@@ -89,7 +95,7 @@ def test_one_step_rolling_forcing_with_a_wide_view_equals_one_step_self_forcing(
     model, prompt = tiny_model(), tiny_prompt()
     timesteps = FlowMatchSchedule(5.0).warp([1000])
     rolling = sample_rolling(model, prompt, 4, LATENT, noise=NoiseSource(torch.Generator().manual_seed(2)),
-                             timesteps=timesteps, cache_frames=12, attention_frames=12)
+                             settings=rolling_settings(timesteps), cache=RollingForcingCache(model, LATENT[1:], 3, 12, 12))
     self_forcing = sample_video(model, prompt, 4, LATENT, noise=NoiseSource(torch.Generator().manual_seed(2)),
                                 settings=StreamSettings(timesteps=timesteps))
     torch.testing.assert_close(rolling, self_forcing, atol=2e-5, rtol=1e-5)
@@ -101,7 +107,7 @@ def test_blocks_leave_in_order_when_they_leave_the_window_and_an_endless_stream_
     seen, calls = [], []
     model.register_forward_hook(lambda module, args, output: calls.append(output.shape[1]))
     stream = stream_rolling(model, prompt, None, LATENT, noise=NoiseSource(torch.Generator().manual_seed(0)),
-                            timesteps=timesteps, cache_frames=9, attention_frames=12,
+                            settings=rolling_settings(timesteps), cache=RollingForcingCache(model, LATENT[1:], 3, 9, 12),
                             callback=lambda info: seen.append((info["block"], info["start_frame"])))
     first = next(stream)
     # the first block leaves after 3 windows: joint calls over 1, 2, 3 blocks, each followed by an update
@@ -111,4 +117,13 @@ def test_blocks_leave_in_order_when_they_leave_the_window_and_an_endless_stream_
     assert len(calls) == 2 * 7 and calls[-2:] == [9, 3]  # one joint and one update call per window
     with pytest.raises(ValueError, match="use at least 12"):
         next(stream_rolling(model, prompt, 2, LATENT, noise=NoiseSource(torch.Generator().manual_seed(0)),
-                            timesteps=timesteps, attention_frames=9))
+                            settings=rolling_settings(timesteps), cache=RollingForcingCache(model, LATENT[1:], 3, 24, 9)))
+
+
+def test_settings_the_rolling_sampler_cannot_honour_are_refused():
+    model, prompt = tiny_model(), tiny_prompt()
+    refused = [StreamSettings(sampler="rolling", prefill=torch.zeros(1, 3, *LATENT)),
+               StreamSettings(sampler="rolling", first_block_frames=1)]
+    for settings in refused:
+        with pytest.raises(ValueError, match="takes no prefill, prompt switches or first-block plan"):
+            next(stream_rolling(model, prompt, 4, LATENT, noise=NoiseSource(torch.Generator()), settings=settings))

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from .compare import Comparison, compare
 from .generator_fixture import case_dirs, load_fixture_model
 from ..model import apply_rope
-from ..rollout import NoiseSource
+from ..rollout import NoiseSource, StreamSettings
 from ..rolling_forcing import RollingForcingCache, sample_rolling
-from ..schedule import FlowMatchSchedule
 
 
 def detect(root: Path) -> bool:
@@ -45,8 +44,9 @@ def run_case(model, case: Path) -> tuple[torch.Tensor, RollingForcingCache]:
     latents = sample_rolling(
         model, inputs["prompt_embeds"], noise.shape[1] // frames_per_block, tuple(noise.shape[2:]),
         noise=NoiseSource(initial=noise, renoise=renoise_by_block(inputs["renoise"], inputs["renoise_index"])),
-        timesteps=inputs["denoising_step_list"], schedule=FlowMatchSchedule(config.get("timestep_shift", 5.0)),
-        frames_per_block=frames_per_block, batch_size=noise.shape[0], cache=cache)
+        settings=StreamSettings(shift=config.get("timestep_shift", 5.0), timesteps=inputs["denoising_step_list"],
+                                frames_per_block=frames_per_block, sampler="rolling"),
+        batch_size=noise.shape[0], cache=cache)
     return latents, cache
 
 
