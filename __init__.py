@@ -2,7 +2,7 @@
 
 Only ComfyUI imports this file. The core library (``selfforcing_core``) never imports ComfyUI.
 """
-WEB_DIRECTORY = "./web"  # the live player (web/live_player.js), loaded by the host's frontend
+WEB_DIRECTORY = "./web"  # the live player and the renames of saved workflows, loaded by the host's frontend
 
 try:
     from .nodes import comfy_entrypoint  # noqa: F401

@@ -1,4 +1,8 @@
-"""Self-Forcing Training Clips and Self-Forcing Trainer: fine-tune the generator on your own clips.
+"""Self-Forcing Training Videos and Self-Forcing Trainer: fine-tune the generator on your own videos.
+
+The training data travels as ``training_videos`` (type SELFFORCING_TRAINING_VIDEOS), a name apart
+from the text encoder input ``clip``; workflows saved with the former names (``clips``,
+SELFFORCING_TRAINING_CLIPS) are renamed as they open (web/renamed_inputs.js).
 
 Clips are read only from the ``selfforcing_clips`` folders: ComfyUI's input folder, then any
 folder the server's owner adds under that name in ``extra_model_paths.yaml``. Their encoded
@@ -25,7 +29,7 @@ from ..selfforcing_core.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
 from ..selfforcing_core.units import latent_size, pixel_size, video_frames_for, whole_block_latent_frames
 from .common import CATEGORY, SelfForcingModel, StreamingDecoder, check_inputs, prompt_tensor, register_folder, save_path
 
-TrainingClips = io.Custom("SELFFORCING_TRAINING_CLIPS")
+TrainingVideos = io.Custom("SELFFORCING_TRAINING_VIDEOS")
 CLIPS_FOLDER = "selfforcing_clips"
 TRAINING_FOLDER = "self_forcing_training"
 CLIP_CACHE_FOLDER = "self_forcing_clip_cache"
@@ -86,7 +90,7 @@ class SelfForcingTrainingClips(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SelfForcingTrainingClips",
-            display_name="Self-Forcing Training Clips",
+            display_name="Self-Forcing Training Videos",
             category=CATEGORY,
             description="Reads a folder of clips (mp4/webm/gif or folders of images), cuts them into windows, "
                         "encodes each window once and caches the latents for the Self-Forcing Trainer.",
@@ -107,7 +111,8 @@ class SelfForcingTrainingClips(io.ComfyNode):
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder (umT5) for the caption files; without "
                               "it every clip uses the prompt."),
             ],
-            outputs=[TrainingClips.Output(display_name="clips", tooltip="Encoded clip windows for the trainer.")],
+            outputs=[TrainingVideos.Output(display_name="training_videos",
+                                           tooltip="Encoded video windows for the trainer.")],
         )
 
     @classmethod
@@ -147,7 +152,7 @@ class SelfForcingTrainer(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 SelfForcingModel.Input("model", tooltip="The generator from Load Self-Forcing Model (left unchanged)."),
-                TrainingClips.Input("clips", tooltip="From Self-Forcing Training Clips."),
+                TrainingVideos.Input("training_videos", tooltip="From Self-Forcing Training Videos."),
                 io.String.Input("lora_name", default="my_self_forcing_lora",
                                 tooltip="Name of the run (its folder in output/self_forcing_training) and of the "
                                         "LoRA saved in models/loras as <name>_00001_.safetensors (the counter "
@@ -179,23 +184,23 @@ class SelfForcingTrainer(io.ComfyNode):
         return check_inputs(cls, {}, lora_name=lambda: lora_name is None or check_run(lora_name, resume is not False))
 
     @classmethod
-    def execute(cls, model, clips, lora_name, steps, generator_lr, critic_lr, lora_rank, real_lora_weight, batch_size,
-                seed, save_every, resume, real_lr=1e-4):
+    def execute(cls, model, training_videos, lora_name, steps, generator_lr, critic_lr, lora_rank, real_lora_weight,
+                batch_size, seed, save_every, resume, real_lr=1e-4):
         with torch.inference_mode(False), torch.enable_grad():  # the host runs nodes under inference mode
-            return cls.train(model, clips, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank,
+            return cls.train(model, training_videos, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank,
                              real_lora_weight, batch_size, seed, save_every, resume)
 
     @classmethod
-    def train(cls, model, clips, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank, real_lora_weight,
+    def train(cls, model, training_videos, lora_name, steps, generator_lr, critic_lr, real_lr, lora_rank, real_lora_weight,
               batch_size, seed, save_every, resume):
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lora_rank=lora_rank, generator_lr=generator_lr,
                           critic_lr=critic_lr, real_lr=real_lr, real_lora_weight=real_lora_weight, seed=seed,
                           save_every=save_every)
         check_run(lora_name, resume)
-        _, frames, _, *latent_hw = clips.latents.shape
+        _, frames, _, *latent_hw = training_videos.latents.shape
         check_training_fits(model, *pixel_size(latent_hw), frames, batch_size)
         run_dir = run_folder(lora_name)
-        trainer = Trainer(model, clips, cfg)
+        trainer = Trainer(model, training_videos, cfg)
         try:
             if resume and trainer.resume(run_dir):
                 log.info("Self-Forcing Trainer: resumed %s at step %d", run_dir, trainer.step)

@@ -38,7 +38,7 @@ def trainer_graph(server, lora_name, steps, save_every=2, resume=True):
               "inputs": {"folder": "train_clips", "encoder": ["2", 0], "prompt": ["3", 0],
                          "negative": ["4", 0], "width": 32, "height": 32, "length": 9}},
         "6": {"class_type": "SelfForcingTrainer",
-              "inputs": {"model": ["1", 0], "clips": ["5", 0], "lora_name": lora_name, "steps": steps,
+              "inputs": {"model": ["1", 0], "training_videos": ["5", 0], "lora_name": lora_name, "steps": steps,
                          "generator_lr": 1e-3, "critic_lr": 1e-3, "lora_rank": 4, "real_lora_weight": 1.0,
                          "batch_size": 1, "seed": 0, "save_every": save_every, "resume": resume}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 1]}},

@@ -61,6 +61,22 @@ def test_a_workflow_with_a_node_the_host_lacks_is_reported(frontend):
     assert any("SelfForcingRenamedSampler" in dialog for dialog in report["dialogs"])
 
 
+def test_a_workflow_saved_with_the_former_training_input_names_opens_with_todays(frontend):
+    """Saved before the trainer's `clips` input (type SELFFORCING_TRAINING_CLIPS) became
+    `training_videos` (web/renamed_inputs.js): it opens linked and queues the prompt of today's file."""
+    text = (WORKFLOWS / "finetune_then_sample.json").read_text()
+    former = text.replace('"training_videos"', '"clips"').replace("SELFFORCING_TRAINING_VIDEOS", "SELFFORCING_TRAINING_CLIPS")
+    assert former.count('"clips"') >= 2
+    prompts = []
+    for name, saved in (("today.json", text), ("former.json", former)):
+        report = frontend.open_workflow(saved, name)
+        assert report["errors"] == [] and report["dialogs"] == [] and report["alerts"] == [], report
+        prompts.append(frontend.graph_to_prompt())
+    assert prompts[1] == prompts[0]
+    trainer = next(node for node in prompts[1].values() if node["class_type"] == "SelfForcingTrainer")
+    assert isinstance(trainer["inputs"]["training_videos"], list) and "clips" not in trainer["inputs"]
+
+
 def run_and_check_videos(server, prompt):
     """Swap in the tiny models, run, and check every saved video's frame count and size."""
     expected_frames = swap_in_tiny_models(prompt)
