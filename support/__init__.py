@@ -1,10 +1,11 @@
 """Helpers shared by tests, benchmarks, ``workflows/generate.py`` and ``scripts/`` (not part of the pack).
 
-* ``tiny``: the tiny random causal Wan model every test and small benchmark uses (its config defined once).
+* ``tiny``: the tiny random causal Wan models of tests and small benchmarks (their configs defined once).
 * ``decoder_weights``: random TAEHV / Wan VAE state dicts in the real key layouts.
 * ``files``: writers of small media and fixture files (GIF clips, parity fixture roots) and a video reader.
 * ``comfy_paths`` / ``comfy_server`` / ``comfy_host``: locate the ComfyUI host, run it as a server, test glue.
-* ``frontend``: the host's own frontend in headless Chromium.
+* ``tiny_workflows``: the shared workflows' prompts with the tiny models swapped in.
+* ``frontend`` / ``live_player``: the host's own frontend in headless Chromium; the live player driven in it.
 
 Import as ``support.x`` from the repository root: pytest puts the root on its path
 (``tests/pytest.ini``); benchmarks and scripts run as modules (``python -m benchmarks.bench_x``).
