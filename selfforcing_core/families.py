@@ -3,10 +3,12 @@
 A ``Family`` says which entry of an official ``.pt`` dict to load, the block plan (frames per
 block, an independent first frame), the step lists (the first generated block and the later
 ones, configured on the unshifted 1000..1 axis and warped by the schedule's shift), the cache
-(window, sink, RoPE mode) and the sampler: ``blockwise`` (``rollout.stream_blocks``: one block
-through all its steps, then the next) or ``rolling`` (``rolling_forcing.stream_rolling``: a
-window of blocks denoised jointly at staggered noise levels). ``FAMILIES`` is keyed by a short id.
+(window, sink, ``CacheRules``: RoPE mode, sink protection, switch re-cache) and the sampler:
+``blockwise`` (``rollout.stream_blocks``: one block through all its steps, then the next) or
+``rolling`` (``rolling_forcing.stream_rolling``: a window of blocks denoised jointly at staggered
+noise levels). ``FAMILIES`` is keyed by a short id; ``detect_family`` guesses one from a file name.
 """
+import re
 from dataclasses import dataclass, replace
 
 from .kv_cache import CacheRules
@@ -27,23 +29,34 @@ class Family:
     shift: float = 5.0
     kv_window_frames: int | None = None  # None: keep every frame (global cache)
     sink_frames: int = 0
-    rope: str = "absolute"  # 'absolute' (positions from frame 0) or 'relative' (LongLive)
+    cache_rules: CacheRules = CacheRules()  # RoPE mode, sink protection, switch re-cache (Self Forcing's)
     sampler: str = "blockwise"  # 'blockwise' or 'rolling'
     notes: str = ""
 
-    def overridden(self, frames_per_block: int | None = None, steps: tuple[int, ...] | None = None) -> "Family":
-        """This family with another block size or later-block step list (None keeps the family's).
+    def overridden(self, frames_per_block: int | None = None, steps: tuple[int, ...] | None = None,
+                   kv_window_frames: int | None = None, sink_frames: int | None = None, **rules) -> "Family":
+        """This family with settings changed (None keeps the family's); its name says what changed.
 
-        The first generated block keeps the family's own first-block list.
+        ``steps``: the later blocks' list (the first generated block keeps the family's own);
+        ``rules``: ``CacheRules`` fields (rope, protect_sink, switch_recache, global_sink).
         """
-        family = self
+        family, changed = self, []
         if frames_per_block is not None and frames_per_block != self.frames_per_block:
-            family = replace(family, frames_per_block=frames_per_block, name=f"{family.name} (frames per block "
-                                                                             f"{frames_per_block})")
+            family, changed = replace(family, frames_per_block=frames_per_block), [f"frames per block {frames_per_block}"]
         if steps is not None and tuple(steps) != self.steps:
-            family = replace(family, steps=tuple(steps), first_block_steps=self.first_block_steps or self.steps,
-                             name=f"{family.name} (later blocks {len(steps)} steps)")
-        return family
+            family = replace(family, steps=tuple(steps), first_block_steps=self.first_block_steps or self.steps)
+            changed.append(f"later blocks {len(steps)} steps")
+        if kv_window_frames is not None and kv_window_frames != self.kv_window_frames:
+            family = replace(family, kv_window_frames=kv_window_frames)
+            changed.append(f"window {kv_window_frames}")
+        if sink_frames is not None and sink_frames != self.sink_frames:
+            family, changed = replace(family, sink_frames=sink_frames), changed + [f"sink {sink_frames}"]
+        rules = {name: value for name, value in rules.items() if value is not None
+                 and value != getattr(self.cache_rules, name)}
+        if rules:
+            family = replace(family, cache_rules=replace(self.cache_rules, **rules))
+            changed += [f"{name} {value}" for name, value in rules.items()]
+        return replace(family, name=f"{self.name} ({', '.join(changed)})") if changed else family
 
     def settings(self, **fields) -> StreamSettings:
         """The ``StreamSettings`` that run this family; ``fields`` (window, prefill, prompt switches, ...) are added."""
@@ -53,7 +66,7 @@ class Family:
             "kv_window_frames": self.kv_window_frames, "sink_frames": self.sink_frames,
             "frames_per_block": self.frames_per_block, "first_block_frames": self.first_block_frames,
             "shift": self.shift, "timesteps": schedule.warp(self.steps), "first_block_timesteps": first,
-            "cache_rules": CacheRules(rope=self.rope), "sampler": self.sampler, **fields})
+            "cache_rules": self.cache_rules, "sampler": self.sampler, **fields})
 
     def block_of(self, latent_frame: int) -> int:
         """Index of the block (counted from the clip's first frame) that holds ``latent_frame``."""
@@ -67,9 +80,19 @@ class Family:
         sampler = (f"rolling window of {len(self.steps)} blocks" if self.sampler == "rolling"
                    else "block by block")
         return (f"{self.name}: {plan}, steps {first}{list(self.steps)} (shift {self.shift:g}), {sampler}, "
-                f"weights {' or '.join(self.checkpoint_keys)}")
+                f"{self.describe_cache()}, weights {' or '.join(self.checkpoint_keys)}")
+
+    def describe_cache(self) -> str:
+        """The cache part of ``describe``: window and sink, RoPE, sink protection, prompt switches."""
+        rules = self.cache_rules
+        window = (f"KV window {self.kv_window_frames} frames, sink {self.sink_frames}" if self.kv_window_frames
+                  else "global KV cache")
+        switch = ("switches replay the cached frames" if rules.switch_recache == "replay" else
+                  f"switches re-cache the window in one call ({'sink kept' if rules.global_sink else 'sink re-written'})")
+        return (f"{window}, {rules.rope} RoPE{', sink protected' if rules.protect_sink else ''}, {switch}")
 
 
+LONGLIVE_RULES = CacheRules(rope="relative", protect_sink=True, switch_recache="window", global_sink=True)
 CAUSAL_FORCING_FRAMEWISE = "Causal Forcing frame-wise (generator_ema of the frame-wise checkpoints)"
 FAMILIES = {
     "self_forcing": Family("Self Forcing"),
@@ -95,4 +118,33 @@ FAMILIES = {
     "causal_forcing_long_video": Family(
         "Causal Forcing long video (Rolling Forcing, 4 steps)", sampler="rolling",
         notes="Causal Forcing's long_video configuration: the Rolling Forcing sampler with 4 steps"),
+    "longlive": Family(
+        "LongLive", checkpoint_keys=("generator", "generator_ema"), kv_window_frames=12, sink_frames=3,
+        cache_rules=LONGLIVE_RULES,
+        notes="NVlabs LongLive v1.0: longlive_base.pt ('generator') with its rank-256 lora.pt (alpha = rank); "
+              "block-relativistic RoPE (infinite attention) keeps every position inside the window"),
+    "reward_forcing": Family(
+        "Reward Forcing", kv_window_frames=9, sink_frames=3,
+        notes="rewardforcing.pt (generator_ema); its EMA-Sink (evicted frames blended into the sink) is not "
+              "reproduced: the sink holds the first block"),
+    "custom": Family(
+        "Custom", notes="Self Forcing's sampling; window, sink, RoPE and switch re-cache as set in the sampler"),
 }
+
+# File-name patterns (lower case, '-' and ' ' read as '_'), first match wins.
+FILE_NAME_FAMILIES = (
+    (r"longlive", "longlive"),
+    (r"reward_?forcing", "reward_forcing"),
+    (r"rolling_?forcing", "rolling_forcing"),
+    (r"causal_?forcing.*frame|framewise.*causal", "causal_forcing_framewise"),
+    (r"causal_?forcing", "causal_forcing_chunkwise"),
+    (r"self_?forcing", "self_forcing"),
+)
+
+
+def detect_family(file_name: str) -> str | None:
+    """Key of ``FAMILIES`` that a checkpoint's file name names (``longlive_base.pt`` -> 'longlive'), or
+    None. Only a default: every family shares the architecture and key layout, so the weights
+    cannot tell them apart."""
+    name = re.sub(r"[-\s]", "_", file_name.lower())
+    return next((key for pattern, key in FILE_NAME_FAMILIES if re.search(pattern, name)), None)

@@ -16,6 +16,7 @@ rules, a prompt switch (``prompt_embeds_2``, ``switch_block``) and a LoRA file (
 ``lora.safetensors``, rank/alpha in ``config.json``: the file stores none).
 """
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from .compare import Comparison, compare
 from ..checkpoint import load_generator
+from ..families import LONGLIVE_RULES
 from ..kv_cache import CacheRules
 from ..lora import active_adapter, attach_lora
 from ..model import WanConfig
@@ -49,11 +51,12 @@ def case_dirs(root: Path) -> list[Path]:
 
 
 def cache_rules(config: dict) -> CacheRules:
-    """Self Forcing's rules, or LongLive's (sink protection, one-call window re-cache, RoPE mode)."""
+    """Self Forcing's rules, or the LongLive family's (sink protection, one-call window re-cache) with
+    the case's RoPE mode and ``global_sink``."""
     if "global_sink" not in config and "use_infinite_attention" not in config:
         return CacheRules()
-    return CacheRules(rope="relative" if config.get("use_infinite_attention") else "absolute",
-                      protect_sink=True, switch_recache="window", global_sink=config.get("global_sink", True))
+    return replace(LONGLIVE_RULES, rope="relative" if config.get("use_infinite_attention") else "absolute",
+                   global_sink=config.get("global_sink", True))
 
 
 def lora_file(case: Path) -> Path | None:
