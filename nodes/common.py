@@ -14,6 +14,7 @@ StreamingDecoder = io.Custom("SELFFORCING_DECODER")
 PromptSchedule = io.Custom("SELFFORCING_PROMPT_SCHEDULE")
 LoraList = io.Custom("SELFFORCING_LORA_LIST")
 RuntimeOptionsType = io.Custom("SELFFORCING_RUNTIME_OPTIONS")
+CacheRulesType = io.Custom("SELFFORCING_CACHE_RULES")
 
 CATEGORY = "Self-Forcing"
 PREVIEW_SIZE = 512

@@ -3,8 +3,8 @@ from comfy_api.latest import io
 
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
 from .common import CATEGORY, StreamingDecoder, block_reporter
-from .sampler import (check_memory, check_sampler_inputs, live_inputs, live_run, sampler_inputs, sampler_output,
-                      sampler_outputs, sampling_arguments, total_blocks)
+from .sampler import (cache_inputs, check_memory, check_sampler_inputs, live_inputs, live_run, sampler_inputs,
+                      sampler_output, sampler_outputs, sampling_arguments, total_blocks)
 
 KeyframeList = io.Custom("SELFFORCING_KEYFRAMES")
 
@@ -69,7 +69,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
                 io.Combo.Input("image_fit", options=list(FIT_MODES), default="crop",
                                tooltip="Images of another size: crop (scale and centre-crop, keeps the aspect), "
                                        "resize (stretch) or reject (error)."),
-            ] + live_inputs(),
+            ] + live_inputs() + cache_inputs(),
             outputs=sampler_outputs(),
         )
 

@@ -14,12 +14,12 @@ from ..selfforcing_core.memory import check_generation_fits
 from ..selfforcing_core.rollout import PromptSwitch, blocks_covering, max_latent_frames
 from ..selfforcing_core.schedule import DEFAULT_STEPS
 from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size, pixel_size, video_frames_for
-from .common import (CATEGORY, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter, check_inputs,
-                     prompt_tensor, to_image, to_latent)
+from .common import (CATEGORY, CacheRulesType, PromptSchedule, SelfForcingModel, StreamingDecoder, block_reporter,
+                     check_inputs, prompt_tensor, to_image, to_latent)
 from .live import LiveRun
 
 # Preset label -> checkpoint family: the two Self Forcing step presets first (labels kept for saved
-# workflows), then every other family by name.
+# workflows), then every other family by name (LongLive, Reward Forcing, Custom among them).
 PRESETS = {
     "4 steps, shift 5 (paper)": FAMILIES["self_forcing"],
     "4 steps, shift 8 (official demo)": replace(FAMILIES["self_forcing"], name="Self Forcing, shift 8 (official demo)",
@@ -28,6 +28,16 @@ PRESETS = {
 }
 DEFAULT_PRESET = "4 steps, shift 5 (paper)"
 LATER_BLOCK_STEPS = {"preset": None, "4": DEFAULT_STEPS, "2": (1000, 500), "1": (1000,)}
+# Cache-rule choices of the Cache Rules node -> ``CacheRules`` fields ("preset": the family's).
+ROPE_CHOICES = {"preset": {}, "absolute": {"rope": "absolute"}, "relative": {"rope": "relative"}}
+SINK_PROTECTION_CHOICES = {"preset": {}, "on": {"protect_sink": True}, "off": {"protect_sink": False}}
+PROMPT_SWITCH_CHOICES = {
+    "preset": {},
+    "replay cached frames": {"switch_recache": "replay"},
+    "re-cache window, keep sink": {"switch_recache": "window", "global_sink": True},
+    "re-cache window, re-write sink": {"switch_recache": "window", "global_sink": False},
+    "no re-cache": {"switch_recache": "none"},
+}
 MAX_LENGTH = video_frames_for(max_latent_frames(CacheRules(), None))  # the last frame the RoPE table can place
 
 
@@ -49,18 +59,23 @@ def sampler_inputs():
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="All noise comes from this seed (same result on any device)."),
         io.Combo.Input("steps", options=list(PRESETS), default=DEFAULT_PRESET,
-                       tooltip="Preset of the checkpoint family: block plan, step lists and sampler. Self Forcing: "
-                               "4 steps with shift 5 as trained (the official demo used shift 8). Causal "
-                               "Forcing frame-wise: 1 latent frame per block (lowest latency), its first block in "
-                               "4 steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window denoised "
-                               "jointly; a block appears when it leaves the window. Pick the preset of the "
-                               "loaded checkpoint."),
+                       tooltip="Preset of the checkpoint family: block plan, step lists, sampler and KV cache "
+                               "rules. Self Forcing: 4 steps with shift 5 as trained (the official demo used shift "
+                               "8). Causal Forcing frame-wise: 1 latent frame per block (lowest latency), its first "
+                               "block in 4 steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window "
+                               "denoised jointly; a block appears when it leaves the window. LongLive: window 12 "
+                               "with sink 3, block-relativistic RoPE (no length limit), one-call re-cache on prompt "
+                               "switches. Reward Forcing: window 9 with sink 3. Custom: Self Forcing's sampling with "
+                               "every cache setting yours. Pick the preset of the loaded checkpoint; the window, "
+                               "sink and Cache Rules inputs change it."),
         io.Int.Input("kv_window_frames", default=0, min=0, max=1023,
-                     tooltip="Rolling KV cache size in latent frames (0 = keep every frame). Set it (e.g. 21) "
-                             "for videos longer than 81 frames; memory then stays flat for any length."),
+                     tooltip="Rolling KV cache size in latent frames, sink included (0 = the preset's: LongLive "
+                             "12 with sink 3, Reward Forcing 9 with sink 3, the others keep every frame). Set it "
+                             "(e.g. 21) for videos longer than 81 frames; memory then stays flat for any length."),
         io.Int.Input("sink_frames", default=0, min=0, max=1022,
                      tooltip="Latent frames at the start that never leave the rolling cache (attention "
-                             "sink); e.g. 3 keeps the first block as an anchor in long videos."),
+                             "sink); e.g. 3 keeps the first block as an anchor in long videos. Applies with "
+                             "kv_window_frames set (with 0, the preset's window and sink apply)."),
         PromptSchedule.Input("prompt_schedule", optional=True,
                              tooltip="Later prompts with the frame at which each takes over (Self-Forcing "
                                      "Prompt Schedule); the cache is re-encoded so the scene continues."),
@@ -89,6 +104,13 @@ def live_inputs():
     ]
 
 
+def cache_inputs():
+    """The optional cache-rules bundle of both samplers, after the live inputs."""
+    return [CacheRulesType.Input("cache_rules", optional=True,
+                                 tooltip="RoPE mode, sink protection and what a prompt switch re-encodes, over the "
+                                         "preset's (Self-Forcing Cache Rules).")]
+
+
 def sampler_outputs():
     return [io.Latent.Output(display_name="latent", tooltip="Wan 2.1 LATENT (raw VAE space): VAE Decode works on it."),
             io.Image.Output(display_name="images", tooltip="Decoded frames (one black frame without a decoder)."),
@@ -97,15 +119,18 @@ def sampler_outputs():
 
 
 def sampling_arguments(model, positive, width, height, length, seed, steps, kv_window_frames, sink_frames,
-                       prompt_schedule=None, decoder=None, frames_per_block=0, later_block_steps="preset"):
+                       prompt_schedule=None, decoder=None, frames_per_block=0, later_block_steps="preset",
+                       cache_rules=None):
     """Node inputs -> (keyword arguments of ``generate_video``, the family that runs); units are
-    converted here, at the boundary."""
+    converted here, at the boundary. kv_window_frames 0 keeps the preset's window and sink;
+    ``cache_rules`` (Cache Rules node) changes the preset's ``CacheRules`` fields."""
     latent_hw = latent_size(width, height)
-    family = PRESETS[steps].overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps])
+    window = {"kv_window_frames": kv_window_frames, "sink_frames": sink_frames} if kv_window_frames else {}
+    family = PRESETS[steps].overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps], **window,
+                                       **(cache_rules or {}))
     switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"))
                 for frame, cond in prompt_schedule or []]
-    settings = family.settings(prompt_switches=switches, **({"kv_window_frames": kv_window_frames}
-                                                            if kv_window_frames else {}), sink_frames=sink_frames)
+    settings = family.settings(prompt_switches=switches)
     return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length) if length else 0,
                 latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), family
 
@@ -128,22 +153,29 @@ def check_memory(arguments: dict) -> None:
 
 def check_sizes(width=None, height=None, length=None, kv_window_frames=None):
     """Raise a ValueError for pixel sizes the generator cannot make (None: linked from another
-    node, checked when the node runs); length 0 (until Stop) needs a rolling window."""
+    node, checked when the node runs); length 0 (until Stop) needs a rolling window
+    (``kv_window_frames``: the window that runs, the preset's included)."""
     if width is not None and height is not None:
         latent_size(width, height)
     if length == 0 and kv_window_frames == 0:
-        raise ValueError("length 0 runs until Stop and needs a rolling KV window: set kv_window_frames (e.g. 21)")
+        raise ValueError("length 0 runs until Stop and needs a rolling KV window: set kv_window_frames (e.g. 21) "
+                         "or pick a preset with a window (LongLive)")
     if length:
         latent_frames_for(length)
 
 
 def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
                          sink_frames=None, **combos) -> bool | str:
-    """validate_inputs of both samplers: sizes, the window against its sink, and the combos."""
+    """validate_inputs of both samplers: sizes, the window that runs (set, or the preset's) against
+    its sink, and the combos."""
+    preset = PRESETS.get(steps)
+    window, sink = kv_window_frames, sink_frames or 0
+    if not kv_window_frames and preset is not None:
+        window, sink = preset.kv_window_frames or 0, preset.sink_frames
     return check_inputs(node_cls, dict(width=width, height=height, length=length, steps=steps,
                                        kv_window_frames=kv_window_frames, sink_frames=sink_frames, **combos),
-                        width=lambda: check_sizes(width, height, length, kv_window_frames),
-                        kv_window_frames=lambda: check_window(kv_window_frames, sink_frames or 0))
+                        width=lambda: check_sizes(width, height, length, window),
+                        kv_window_frames=lambda: check_window(window, sink))
 
 
 def sampler_output(video, family, run: LiveRun):
@@ -176,7 +208,7 @@ class SelfForcingStreamingSampler(io.ComfyNode):
             category=CATEGORY,
             description="Generates video block by block (3 latent frames, 4 steps each) with a KV cache; "
                         "each block is decoded and previewed while the next one is generated.",
-            inputs=sampler_inputs() + live_inputs(),
+            inputs=sampler_inputs() + live_inputs() + cache_inputs(),
             outputs=sampler_outputs(),
         )
 
@@ -194,6 +226,48 @@ class SelfForcingStreamingSampler(io.ComfyNode):
             video = generate_video(**arguments, live=run.live_for(arguments["settings"]),
                                    callback=run.on_block(block_reporter(total_blocks(arguments))))
         return sampler_output(video, family, run)
+
+
+class SelfForcingCacheRules(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingCacheRules",
+            display_name="Self-Forcing Cache Rules",
+            category=CATEGORY,
+            description="How the samplers' KV cache places, protects and re-encodes frames, over the steps "
+                        "preset's rules (LongLive's are block-relativistic RoPE, sink protection and a one-call "
+                        "window re-cache that keeps the sink). The sampler's info states what ran.",
+            inputs=[
+                io.Combo.Input("rope", options=list(ROPE_CHOICES), default="preset",
+                               tooltip="absolute: a frame sits at its frame index (Self Forcing; at most 4093 "
+                                       "video frames). relative: block-relativistic RoPE (LongLive's infinite "
+                                       "attention): every cached frame sits at its slot in the window, so a "
+                                       "stream with a KV window never leaves the trained positions and has no "
+                                       "length limit."),
+                io.Combo.Input("sink_protection", options=list(SINK_PROTECTION_CHOICES), default="preset",
+                               tooltip="on (LongLive): the denoising steps of a block never write the sink slots, "
+                                       "so the sink keeps the first frames' keys. Matters when the sink is longer "
+                                       "than a block or after a re-cache."),
+                io.Combo.Input("prompt_switch", options=list(PROMPT_SWITCH_CHOICES), default="preset",
+                               tooltip="What a prompt switch (schedule or typed live) re-encodes under the new "
+                                       "prompt. replay cached frames (Self Forcing): every cached frame, block by "
+                                       "block. re-cache window (LongLive): one call over the last window of "
+                                       "frames, the sink keeping the first prompt (keep sink) or re-written "
+                                       "(re-write sink). no re-cache: the cached frames keep the old prompt; "
+                                       "cheapest, the scene changes more slowly."),
+            ],
+            outputs=[CacheRulesType.Output(display_name="cache_rules", tooltip="For the samplers' cache_rules input.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, rope=None, sink_protection=None, prompt_switch=None):
+        return check_inputs(cls, dict(rope=rope, sink_protection=sink_protection, prompt_switch=prompt_switch))
+
+    @classmethod
+    def execute(cls, rope, sink_protection, prompt_switch):
+        return io.NodeOutput({**ROPE_CHOICES[rope], **SINK_PROTECTION_CHOICES[sink_protection],
+                              **PROMPT_SWITCH_CHOICES[prompt_switch]})
 
 
 class SelfForcingPromptSchedule(io.ComfyNode):
@@ -239,4 +313,4 @@ class StreamingDecode(io.ComfyNode):
         return io.NodeOutput(to_image(decoder.decode_video(comfy_to_generator(latent["samples"]))))
 
 
-NODES = [SelfForcingStreamingSampler, SelfForcingPromptSchedule, StreamingDecode]
+NODES = [SelfForcingStreamingSampler, SelfForcingPromptSchedule, SelfForcingCacheRules, StreamingDecode]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 ROPE_MODES = ("absolute", "relative")
-SWITCH_RECACHES = ("replay", "window")
+SWITCH_RECACHES = ("replay", "window", "none")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class CacheRules:
     rope: str = "absolute"  # 'absolute' | 'relative' (block-relativistic, see the module docstring)
     protect_sink: bool = False  # LongLive: re-computations never write the sink slots
     # After a prompt switch: 'replay' re-encodes the cached frames block by block into an emptied
-    # cache; 'window' (LongLive) runs one call over the last window of clean frames.
+    # cache; 'window' (LongLive) runs one call over the last window of clean frames; 'none' keeps
+    # the cached keys/values of the earlier prompt (only the cross-attention moves to the new one).
     switch_recache: str = "replay"
     global_sink: bool = True  # 'window' re-cache: the sink keeps the first prompt's K/V (False: re-written)
 

@@ -214,11 +214,15 @@ def write_clean_context(model: CausalWanModel, clean: torch.Tensor, prompt: torc
 
 def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
     """Prompt switch: re-project the new prompt and re-encode the cached clean frames under it,
-    by the cache's ``rules.switch_recache`` (``replay_cached_frames`` or ``recache_window``)."""
-    if state.kv_cache.rules.switch_recache == "window":
+    by the cache's ``rules.switch_recache`` (``replay_cached_frames``, ``recache_window``, or 'none':
+    the cached frames keep the earlier prompt's keys/values, the next call re-projects the prompt)."""
+    mode = state.kv_cache.rules.switch_recache
+    if mode == "window":
         recache_window(model, state, context_timestep)
-    else:
+    elif mode == "replay":
         replay_cached_frames(model, state, context_timestep)
+    else:
+        state.kv_cache.invalidate_prompt()
 
 
 def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):

@@ -55,6 +55,34 @@ def test_rolling_forcing_preset_reports_each_block_as_it_leaves_the_window(serve
         server.run(graph, timeout=300)
 
 
+def test_longlive_preset_with_cache_rules_runs_a_switch_and_info_states_what_ran(server):
+    """LongLive preset (window 0: its window 12 and sink 3) past its first eviction with a prompt
+    switch, sink re-written on the switch by the Cache Rules node; info names every rule that ran."""
+    graph = sampler_graph(length=61, extra={  # 16 latent frames: the 12-frame window evicts
+        "9": {"class_type": "SelfForcingLoadPromptEmbeddings", "inputs": {"embeddings": "dog.safetensors"}},
+        "10": {"class_type": "SelfForcingPromptSchedule", "inputs": {"conditioning": ["9", 0], "start_frame": 37}},
+        "11": {"class_type": "SelfForcingCacheRules",
+               "inputs": {"rope": "preset", "sink_protection": "preset", "prompt_switch": "re-cache window, re-write sink"}},
+    })
+    graph["4"]["inputs"].update(steps="LongLive", prompt_schedule=["10", 0], cache_rules=["11", 0])
+    entry = server.run(graph, timeout=300)
+    assert len(video_frames(saved_video(server, entry))) == 61
+    info = entry["outputs"]["4"]["selfforcing_live"][0]["info"]
+    assert info.startswith("LongLive (global_sink False): 3 latent frames per block"), info
+    assert ("KV window 12 frames, sink 3, relative RoPE, sink protected, switches re-cache the window in one call "
+            "(sink re-written), weights generator or generator_ema") in info, info
+
+
+def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
+    graph = sampler_graph(length=0)
+    graph["4"]["inputs"].update(steps="Custom")
+    with pytest.raises(PromptValidationError, match="length 0 runs until Stop and needs a rolling KV window"):
+        server.queue_prompt(graph)
+    graph["4"]["inputs"].update(steps="LongLive", kv_window_frames=5, sink_frames=3)
+    with pytest.raises(PromptValidationError, match="kv_window_frames 5 with sink_frames 3 leaves no room"):
+        server.queue_prompt(graph)
+
+
 def test_sampler_latent_decodes_with_the_hosts_own_vae_decode(server):
     graph = sampler_graph(length=13, decoder=None, extra={
         "7": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},

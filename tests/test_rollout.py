@@ -163,6 +163,30 @@ def test_prompt_switch_rebuilds_both_caches_under_the_new_prompt(window, sink, s
     torch.testing.assert_close(cross_k, projected_k)
 
 
+def test_switch_without_recache_keeps_the_cached_frames_and_moves_only_the_cross_attention():
+    """switch_recache 'none': the first call after the switch attends to the cache exactly as the
+    earlier prompt left it, with the new prompt's cross-attention."""
+    import copy
+
+    model, old, new = tiny_model(), tiny_prompt(1), tiny_prompt(2)
+    settings = StreamSettings(kv_window_frames=6, sink_frames=3, cache_rules=CacheRules(switch_recache="none"),
+                              prompt_switches=[PromptSwitch(2, new)])
+    kept = {}
+    stream = stream_blocks(model, old, 3, LATENT, noise=seeded(5), settings=settings,
+                           callback=lambda info: kept.setdefault(info["block"], copy.deepcopy(info["state"].kv_cache)))
+    with torch.no_grad():
+        next(stream), next(stream)
+        calls, handle = record_cached_calls(model)
+        next(stream)
+        handle.remove()
+        cache = kept[1]
+        cache.invalidate_prompt()
+        x, t, start_frame, flow = calls[0]
+        assert start_frame == 6 and len(calls) == 5  # 4 steps and the clean pass, no re-cache call
+        torch.testing.assert_close(flow, model(x, t, new, kv_cache=cache, start_frame=start_frame), atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_a_paused_or_abandoned_stream_leaves_gradient_mode_alone():
     """The stream runs without gradients, but only inside its own steps: between blocks (and after
     an abandoned stream) the caller's gradient mode is untouched."""
