@@ -2,6 +2,7 @@
 from comfy_api.latest import io
 
 from ..selfforcing_core.keyframes import FIT_MODES, METHODS, generate_keyframed_video
+from ..selfforcing_core.runtime_options import scale_unmerged_loras
 from .common import CATEGORY, StreamingDecoder, block_reporter
 from .sampler import (cache_inputs, check_memory, check_sampler_inputs, live_inputs, live_run, sampler_inputs,
                       sampler_output, sampler_outputs, sampling_arguments, total_blocks)
@@ -83,9 +84,11 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
-                method="guidance", ramp_frames=5, image_fit="crop", clip=None, record=False, **inputs):
+                method="guidance", ramp_frames=5, image_fit="crop", clip=None, record=False, lora_strength=1.0,
+                **inputs):
         arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
+        lora = scale_unmerged_loras(inputs["model"], lora_strength)
         images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
         if end_image is not None:
             images.append((inputs["length"] - 1, first_image(end_image), end_strength))
@@ -96,7 +99,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
                 start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
                 fit=image_fit, method=method, ramp_frames=ramp_frames, live=run.live_for(arguments["settings"]),
                 callback=run.on_block(block_reporter(total_blocks(arguments))))
-        return sampler_output(video, family, run)
+        return sampler_output(video, family, run, lora)
 
 
 NODES = [SelfForcingKeyframeSampler, SelfForcingKeyframe]

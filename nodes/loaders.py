@@ -13,6 +13,7 @@ from .common import (CATEGORY, LoraList, RuntimeOptionsType, SelfForcingModel, S
                      compute_device, file_options, resolve_file)
 
 DECODER_FOLDERS = ("vae_approx", "vae")
+LORA_MODES = {"merge": False, "unmerged": True}  # choice -> load_with_options(unmerged=...)
 DECODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -46,6 +47,11 @@ class LoadSelfForcingModel(io.ComfyNode):
                 RuntimeOptionsType.Input("options", optional=True,
                                          tooltip="torch.compile, block offload and FP8 scale granularity "
                                                  "(Self-Forcing Speed & Memory Options)."),
+                io.Combo.Input("lora_mode", options=list(LORA_MODES), default="merge", optional=True,
+                               tooltip="merge: LoRAs are added into the weights (fastest per block; a strength "
+                                       "change re-loads the model). unmerged: one LoRA (e.g. LongLive's "
+                                       "lora.pt) is kept beside the weights; the sampler's lora_strength then "
+                                       "changes it without a re-load, at some cost per block (README)."),
             ],
             outputs=[SelfForcingModel.Output(display_name="model", tooltip="The causal generator, for the Self-Forcing samplers."),
                      io.String.Output(display_name="info", tooltip="What was loaded: configuration, dtype and "
@@ -53,17 +59,18 @@ class LoadSelfForcingModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None):
-        return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8),
+    def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None, lora_mode=None):
+        return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8, lora_mode=lora_mode),
                             model_name=lambda: model_name is None or resolve_file(f"diffusion_models/{model_name}",
                                                                                      ("diffusion_models",)))
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None):
+    def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None, lora_mode="merge"):
         target = torch.device("cpu") if device == "cpu" else compute_device()
         options = dataclasses.replace(options or RuntimeOptions(), fp8=fp8)
         model, report = load_with_options(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
-                                          options, dtype=weight_dtype, device=target, loras=loras or [])
+                                          options, dtype=weight_dtype, device=target, loras=loras or [],
+                                          unmerged=LORA_MODES[lora_mode])
         cfg = model.cfg
         info = "\n".join([f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
                           f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "

@@ -11,6 +11,7 @@ from ..selfforcing_core.generate import generate_video
 from ..selfforcing_core.kv_cache import CacheRules, check_window
 from ..selfforcing_core.latents import comfy_to_generator
 from ..selfforcing_core.memory import check_generation_fits
+from ..selfforcing_core.runtime_options import scale_unmerged_loras
 from ..selfforcing_core.rollout import PromptSwitch, blocks_covering, max_latent_frames
 from ..selfforcing_core.schedule import DEFAULT_STEPS
 from ..selfforcing_core.units import latent_frame_of, latent_frames_for, latent_size, pixel_size, video_frames_for
@@ -105,10 +106,14 @@ def live_inputs():
 
 
 def cache_inputs():
-    """The optional cache-rules bundle of both samplers, after the live inputs."""
+    """The optional cache-rules bundle and unmerged-LoRA strength of both samplers, after the live inputs."""
     return [CacheRulesType.Input("cache_rules", optional=True,
                                  tooltip="RoPE mode, sink protection and what a prompt switch re-encodes, over the "
-                                         "preset's (Self-Forcing Cache Rules).")]
+                                         "preset's (Self-Forcing Cache Rules)."),
+            io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05, optional=True,
+                           tooltip="Multiplies the strength of the model's unmerged LoRA (Load Self-Forcing Model "
+                                   "with lora_mode unmerged, e.g. LongLive's LoRA): changing it here needs no "
+                                   "re-load of the model. No effect on merged LoRAs.")]
 
 
 def sampler_outputs():
@@ -178,15 +183,15 @@ def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=N
                         kv_window_frames=lambda: check_window(window, sink))
 
 
-def sampler_output(video, family, run: LiveRun):
+def sampler_output(video, family, run: LiveRun, lora: str = ""):
     """LATENT, IMAGE and info outputs; without a decoder the IMAGE is one black frame of the video's
-    size; ``info`` opens with what ran (family, block plan, step lists, sampler), then live switches
-    and the stop; the prompt log's name is shown in the node."""
+    size; ``info`` opens with what ran (family, block plan, step lists, cache, unmerged LoRA), then
+    live switches and the stop; the prompt log's name is shown in the node."""
     frames = video.frames
     if frames is None:
         frames = video.latents.new_zeros(1, 1, 3, *pixel_size(video.latents.shape[-2:]))
     prompt_log = run.write_prompt_log(frames.shape[1] if video.frames is not None else 0)
-    info = "\n".join(part for part in (family.describe(), video.report, run.summary(),
+    info = "\n".join(part for part in (family.describe(), lora, video.report, run.summary(),
                                        prompt_log and f"prompt log: {prompt_log}") if part)
     logging.info("Self-Forcing sampler: %s", info)
     return io.NodeOutput(to_latent(video.latents), to_image(frames), info,
@@ -219,13 +224,14 @@ class SelfForcingStreamingSampler(io.ComfyNode):
                                     later_block_steps=later_block_steps)
 
     @classmethod
-    def execute(cls, clip=None, record=False, **inputs):
+    def execute(cls, clip=None, record=False, lora_strength=1.0, **inputs):
         arguments, family = sampling_arguments(**inputs)
         check_memory(arguments)
+        lora = scale_unmerged_loras(inputs["model"], lora_strength)
         with live_run(clip, record, inputs["width"], inputs["height"], inputs["length"]) as run:
             video = generate_video(**arguments, live=run.live_for(arguments["settings"]),
                                    callback=run.on_block(block_reporter(total_blocks(arguments))))
-        return sampler_output(video, family, run)
+        return sampler_output(video, family, run, lora)
 
 
 class SelfForcingCacheRules(io.ComfyNode):

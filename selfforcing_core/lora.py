@@ -231,7 +231,7 @@ class AttachedLoRA:
     original parameters are kept, so any strength is exact)."""
 
     def __init__(self, model: nn.Module, lora: LoRAFile, adapter: str, strength: float):
-        self.model, self.lora, self.adapter = model, lora, adapter
+        self.model, self.lora, self.adapter, self.loaded_strength = model, lora, adapter, strength
         for name, (down, up, layer_alpha) in lora.adapters.items():
             try:
                 parent, attr = _parent_and_attr(model, name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .checkpoint import describe_auto_dtype, load_generator
 from .compile import compile_blocks
 from .fp8 import FP8_FORMATS, GRANULARITIES, choose_fp8_matmul
-from .lora import merge_lora
+from .lora import attach_lora, merge_lora
 from .offload import offload_blocks
 
 
@@ -33,16 +33,36 @@ class RuntimeOptions:
 
 
 def load_with_options(path_or_state_dict, options: RuntimeOptions = RuntimeOptions(), dtype="auto",
-                      device="cpu", loras=(), **load_kwargs):
-    """``load_generator`` plus LoRAs merged into the weights (``[(path or state dict, strength)]``,
-    before FP8 compute, offload and compilation see them) and the runtime options.
-    Returns (model, report lines)."""
+                      device="cpu", loras=(), unmerged: bool = False, **load_kwargs):
+    """``load_generator`` plus LoRAs (``[(path or state dict, strength)]``, before FP8 compute, offload
+    and compilation see them) and the runtime options. Returns (model, report lines).
+
+    LoRAs are merged into the weights (fastest per block), or with ``unmerged`` attached beside
+    them (one LoRA: each layer runs one adapter), listed in ``model.unmerged_loras``: their strength
+    then changes without a re-load (``scale_unmerged_loras``).
+    """
+    if unmerged and len(loras) > 1:
+        raise ValueError(f"unmerged LoRAs: {len(loras)} given, one can stay unmerged (each layer runs one adapter); "
+                         "merge the others, or use one LoRA")
     model = load_generator(path_or_state_dict, dtype=dtype, device="cpu", fp8=options.fp8,
                            fp8_granularity=options.fp8_granularity, compute_device=device, **load_kwargs)
     report = [describe_auto_dtype(model.patch_embedding.weight.dtype, device)] if dtype == "auto" else []
+    model.unmerged_loras = [attach_lora(model, source, f"lora{index + 1}", strength)
+                            for index, (source, strength) in enumerate(loras) if unmerged]
+    report += [f"LoRA {index + 1}: {attached.describe()}" for index, attached in enumerate(model.unmerged_loras)]
     report += [f"LoRA {index + 1}: {merge_lora(model, source, strength)} layers merged at strength {strength}"
-               for index, (source, strength) in enumerate(loras)]
+               for index, (source, strength) in enumerate(loras) if not unmerged]
     report += [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
     if options.compile:
         report.append(compile_blocks(model, device))
     return model, report
+
+
+def scale_unmerged_loras(model, multiplier: float) -> str:
+    """Set every unmerged LoRA of a ``load_with_options`` model to its loaded strength times
+    ``multiplier`` (no re-load; 0: the bare base model). Returns a line for ``info`` ('' without one)."""
+    attached = getattr(model, "unmerged_loras", [])
+    for lora in attached:
+        lora.set_strength(lora.loaded_strength * multiplier)
+    return "; ".join(f"unmerged LoRA at strength {lora.strength:g} ({lora.loaded_strength:g} x {multiplier:g})"
+                     for lora in attached)

@@ -57,6 +57,16 @@ def write_tiny_prompts(server, names=("cat", "dog"), text_dim=HOST_TINY.text_dim
                                [(context, {"pooled_output": None})])
 
 
+def write_tiny_lora(server, name="longlive_lora.pt", config=HOST_TINY):
+    """A random rank-4 LoRA (seed 0) of the tiny generator in LongLive's ``lora.pt`` layout (PEFT names
+    under ``generator_lora``) in the server's loras."""
+    generator = torch.Generator().manual_seed(0)
+    lora = {f"base_model.model.blocks.{block}.{module}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.1
+            for block in range(config.num_layers) for module in ("self_attn.q", "ffn.2")
+            for part, shape in (("A", (4, config.dim)), ("B", (config.dim, 4)))}
+    torch.save({"generator_lora": lora, "critic_lora": {}, "step": 0}, server.model_dir("loras") / name)
+
+
 def write_tiny_models(server, config=HOST_TINY):
     """The tiny generator ``sf_tiny.safetensors``, TAEHV under its real name and the prompts cat / dog."""
     write_tiny_generator(server, config=config)

@@ -8,7 +8,8 @@ host (its config is fixed at the XXL size), and optional CLIP inputs (caption en
 open; video sizes shrink to 64x48 and frame counts in proportion; training runs 2 steps on two
 tiny clips.
 """
-TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors", "causal_forcing_framewise.pt": "sf_tiny.safetensors"}
+TINY_FILES = {"self_forcing_dmd.pt": "sf_tiny.safetensors", "causal_forcing_framewise.pt": "sf_tiny.safetensors",
+              "longlive_base.pt": "sf_tiny.safetensors"}  # its LoRA: ``support.comfy_host.write_tiny_lora``
 TINY_PROMPTS = ["cat.safetensors", "dog.safetensors"]
 TINY_WIDTH, TINY_HEIGHT = 64, 48
 TINY_TRAINING = {"SelfForcingTrainingClips": {"width": 32, "height": 32, "length": 9},

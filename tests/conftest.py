@@ -60,9 +60,11 @@ def comfy_api_import(comfy_import):
 def server(comfy_server):
     """The session server with a tiny generator, decoders and two prompts in its model folders
     (the node end-to-end tests; a test module may define its own ``server``)."""
-    from support.comfy_host import write_tiny_models
+    from support.comfy_host import write_tiny_generator, write_tiny_lora, write_tiny_models
 
     write_tiny_models(comfy_server)
+    write_tiny_generator(comfy_server, "longlive_tiny.safetensors")  # a file name naming a family
+    write_tiny_lora(comfy_server)
     comfy_server.write_safetensors("diffusion_models", "not_a_generator.safetensors", wan_vae_state_dict())
     comfy_server.write_safetensors("vae", "wan_2.1_vae.safetensors", wan_vae_state_dict())
     return comfy_server

@@ -73,6 +73,24 @@ def test_longlive_preset_with_cache_rules_runs_a_switch_and_info_states_what_ran
             "(sink re-written), weights generator or generator_ema") in info, info
 
 
+def test_unmerged_lora_strength_changes_in_the_sampler_without_reloading_the_model(server):
+    """lora_mode unmerged (LongLive's lora.pt): the sampler's lora_strength scales it; changing it
+    re-runs only the sampler (the loader's output is reused), and strength 0 is the bare model."""
+    graph = sampler_graph(length=13, extra={
+        "12": {"class_type": "SelfForcingLora", "inputs": {"lora_name": "longlive_lora.pt", "strength": 1.0}}})
+    graph["1"]["inputs"].update(loras=["12", 0], lora_mode="unmerged")
+    graph["4"]["inputs"]["lora_strength"] = 0.0
+    off = server.run(graph, timeout=300)
+    graph["4"]["inputs"]["lora_strength"] = 1.0
+    on = server.run(graph, timeout=300)
+    cached = next(data["nodes"] for kind, data in on["status"]["messages"] if kind == "execution_cached")
+    assert "1" in cached and "4" not in cached
+    assert "unmerged LoRA at strength 1 (1 x 1)" in on["outputs"]["4"]["selfforcing_live"][0]["info"]
+    plain = video_frames(saved_video(server, server.run(sampler_graph(length=13), timeout=300)))
+    assert all((a == b).all() for a, b in zip(video_frames(saved_video(server, off)), plain))
+    assert any((a != b).any() for a, b in zip(video_frames(saved_video(server, on)), plain))
+
+
 def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
     graph = sampler_graph(length=0)
     graph["4"]["inputs"].update(steps="Custom")

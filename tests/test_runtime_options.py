@@ -54,3 +54,33 @@ def test_loras_are_merged_before_fp8_compute_and_offload():
     videos = [sample_video(m, prompt, 1, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)))
               for m in (model, manual)]
     assert torch.equal(*videos)
+
+
+def test_an_unmerged_lora_changes_strength_without_a_reload_and_equals_the_merged_one():
+    """lora_mode unmerged: the LoRA stays beside the weights; scaling it gives what a merge at that
+    strength gives (float32: up to rounding), and 0 gives the bare model bit for bit."""
+    from selfforcing_core.runtime_options import scale_unmerged_loras
+
+    torch.manual_seed(0)
+    state_dict = CausalWanModel(TINY).state_dict()
+    lora = {f"base_model.model.blocks.{block}.{name}.lora_A.weight": torch.randn(4, 64) * 0.1
+            for block in (0, 1) for name in ("self_attn.q", "cross_attn.o")}
+    lora.update({key.replace("lora_A", "lora_B"): torch.randn(64, 4) * 0.1 for key in lora})
+    prompt = torch.randn(1, 5, 32)
+
+    def video(model):
+        return sample_video(model, prompt, 2, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(1)))
+
+    model, report = load_with_options({k: v.clone() for k, v in state_dict.items()}, loras=[(lora, 0.8)],
+                                      unmerged=True, **LOAD)
+    assert "unmerged (no re-load to change it)" in report[0] and len(model.unmerged_loras) == 1
+    for multiplier in (1.0, 0.5):
+        merged, _ = load_with_options({k: v.clone() for k, v in state_dict.items()}, loras=[(lora, 0.8 * multiplier)],
+                                      **LOAD)
+        assert scale_unmerged_loras(model, multiplier) == f"unmerged LoRA at strength {0.8 * multiplier:g} (0.8 x {multiplier:g})"
+        torch.testing.assert_close(video(model), video(merged), atol=1e-5, rtol=1e-5)
+    scale_unmerged_loras(model, 0.0)
+    assert torch.equal(video(model), video(load_generator(state_dict, **LOAD)))
+    assert scale_unmerged_loras(merged, 2.0) == ""  # merged LoRAs are not scaled
+    with pytest.raises(ValueError, match="2 given, one can stay unmerged"):
+        load_with_options(state_dict, loras=[(lora, 1.0), (lora, 0.5)], unmerged=True, **LOAD)

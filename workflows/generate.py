@@ -17,6 +17,7 @@ SELF_FORCING = "https://huggingface.co/gdhe17/Self-Forcing"
 WAN_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 TAEHV = "https://github.com/madebyollin/taehv"
 CAUSAL_FORCING = "https://huggingface.co/zhuhz22/Causal-Forcing"
+LONGLIVE = "https://huggingface.co/Efficient-Large-Model/LongLive-1.3B"
 DOWNLOADS = {
     "generator": f"models/diffusion_models/self_forcing_dmd.pt\n  <- {SELF_FORCING}  (file checkpoints/self_forcing_dmd.pt)",
     "text_encoder": f"models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n  <- {WAN_REPACKAGED}  "
@@ -25,6 +26,8 @@ DOWNLOADS = {
     "causal_forcing_framewise": f"models/diffusion_models/causal_forcing_framewise.pt\n  <- {CAUSAL_FORCING}  "
                                 "(file framewise/causal_forcing.pt, renamed)",
     "wan_vae": f"models/vae/wan_2.1_vae.safetensors\n  <- {WAN_REPACKAGED}  (split_files/vae/)",
+    "longlive": f"models/diffusion_models/longlive_base.pt\n  <- {LONGLIVE}  (file models/longlive_base.pt)",
+    "longlive_lora": f"models/loras/longlive_lora.pt\n  <- {LONGLIVE}  (file models/lora.pt, renamed)",
 }
 MUTED = 2  # LiteGraph node mode "never": left out of the prompt until unmuted (Ctrl+M)
 WAN_NEGATIVE = ("garish colors, overexposed, static, blurry details, subtitles, style, artwork, painting, still "
@@ -40,6 +43,18 @@ PROMPTS = [
     "Snow starts to fall; the fox curls up under a fallen tree, the camera slowly pulls back to show "
     "the whole snowy valley.",
 ]
+
+# A one-minute story in six scenes of 10 s (160 frames at 16 fps) each.
+STORY = [
+    *PROMPTS,
+    "Night falls over the snowy valley; the fox wakes and walks out under a sky full of stars, the "
+    "snow glowing blue in the moonlight.",
+    "The northern lights ripple green and violet above the pines; the fox sits on a ridge and watches "
+    "them, the camera circling slowly around it.",
+    "Dawn again: the fox trots back through the pine forest along its own tracks, soft golden light, "
+    "the camera following at its height.",
+]
+STORY_SCENE_FRAMES = 160
 
 
 def note(text, downloads):
@@ -61,9 +76,10 @@ def prompt(key, text, column=2):
             "size": [420, 160], "widgets": {"text": text}}
 
 
-def model_loader(model_name="self_forcing_dmd.pt"):
+def model_loader(model_name="self_forcing_dmd.pt", lora_mode="merge"):
     return {"key": "model", "type": "SelfForcingModelLoader", "column": 1,
-            "widgets": {"model_name": model_name, "weight_dtype": "auto", "device": "default", "fp8": "off"}}
+            "widgets": {"model_name": model_name, "weight_dtype": "auto", "device": "default", "fp8": "off",
+                        "lora_mode": lora_mode}}
 
 
 def taehv_loader():
@@ -197,6 +213,41 @@ SPECS = {
                   ["model", "model", "trainer", "model"], ["videos", "training_videos", "trainer", "training_videos"],
                   ["lora", "loras", "tuned", "loras"], ["tuned", "model", "sampler", "model"],
                   ["positive", "CONDITIONING", "sampler", "positive"], ["decoder", "decoder", "sampler", "decoder"],
+                  ["sampler", "images", "video", "images"], *VIDEO_LINKS],
+    },
+    "longlive_one_minute_story": {
+        "nodes": [note("LongLive: a one-minute story (961 frames, 60 s at 16 fps) in six scenes, a prompt "
+                       "switch every 10 s. The LongLive preset runs its own cache rules: a 12-frame KV window "
+                       "with a 3-frame sink and block-relativistic RoPE, so positions stay inside the window "
+                       "and the stream has no length limit (set length 0 to run until Stop); at each switch "
+                       "the window is re-cached under the new prompt in one call while the sink keeps the "
+                       "first scene. The Cache Rules node shows these rules; change one to compare. "
+                       "LongLive's LoRA stays unmerged (lora_mode unmerged): the sampler's lora_strength "
+                       "changes it without re-loading the model.", ["longlive", "longlive_lora", "text_encoder",
+                                                                     "taehv"]),
+                  *text_encoder(),
+                  {"key": "lora", "type": "SelfForcingLora", "column": 1, "title": "LongLive LoRA",
+                   "widgets": {"lora_name": "longlive_lora.pt", "strength": 1.0}},
+                  model_loader("longlive_base.pt", lora_mode="unmerged"), taehv_loader(),
+                  *[prompt(f"scene_{index + 1}", text) for index, text in enumerate(STORY)],
+                  *[{"key": f"switch_{index}", "type": "SelfForcingPromptSchedule", "column": 3,
+                     "title": f"Scene {index + 1} from frame {1 + index * STORY_SCENE_FRAMES}",
+                     "widgets": {"start_frame": 1 + index * STORY_SCENE_FRAMES}} for index in range(1, len(STORY))],
+                  {"key": "rules", "type": "SelfForcingCacheRules", "column": 3, "title": "LongLive cache rules",
+                   "widgets": {"rope": "relative", "sink_protection": "on",
+                               "prompt_switch": "re-cache window, keep sink"}},
+                  {**sampler(length=1 + 6 * STORY_SCENE_FRAMES, kv_window_frames=12, sink_frames=3, steps="LongLive"),
+                   "column": 4},
+                  *[{**node, "column": 5} for node in video_out("longlive_story")]],
+        "links": [["clip", "CLIP", "scene_1", "clip"], ["model", "model", "sampler", "model"],
+                  ["scene_1", "CONDITIONING", "sampler", "positive"], ["lora", "loras", "model", "loras"],
+                  *[["clip", "CLIP", f"scene_{index + 1}", "clip"] for index in range(1, len(STORY))],
+                  *[[f"scene_{index + 1}", "CONDITIONING", f"switch_{index}", "conditioning"]
+                    for index in range(1, len(STORY))],
+                  *[[f"switch_{index}", "prompt_schedule", f"switch_{index + 1}", "prompt_schedule"]
+                    for index in range(1, len(STORY) - 1)],
+                  [f"switch_{len(STORY) - 1}", "prompt_schedule", "sampler", "prompt_schedule"],
+                  ["rules", "cache_rules", "sampler", "cache_rules"], ["decoder", "decoder", "sampler", "decoder"],
                   ["sampler", "images", "video", "images"], *VIDEO_LINKS],
     },
     "quality_decode_wan_vae": {
