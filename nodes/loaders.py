@@ -6,6 +6,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..selfforcing_core.families import family_of_file
 from ..selfforcing_core.fp8 import FP8_FORMATS, GRANULARITIES
 from ..selfforcing_core.codec_loading import load_codec
 from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
@@ -72,9 +73,11 @@ class LoadSelfForcingModel(io.ComfyNode):
                                           options, dtype=weight_dtype, device=target, loras=loras or [],
                                           unmerged=LORA_MODES[lora_mode])
         cfg = model.cfg
+        model.family, family = family_of_file(model_name)
         info = "\n".join([f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
                           f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
-                          f"{model.dtype}, on {target}", *report])
+                          f"{model.dtype}, on {target}", f"family: {family}, for the samplers' steps "
+                          f"'the model's family (loader)'", *report])
         logging.info("Self-Forcing model loaded:\n%s", info)
         return io.NodeOutput(model, info)
 

@@ -21,13 +21,15 @@ from .live import LiveRun
 
 # Preset label -> checkpoint family: the two Self Forcing step presets first (labels kept for saved
 # workflows), then every other family by name (LongLive, Reward Forcing, Custom among them).
+MODEL_FAMILY = "the model's family (loader)"  # the family the loader found for the file
 PRESETS = {
+    MODEL_FAMILY: None,
     "4 steps, shift 5 (paper)": FAMILIES["self_forcing"],
     "4 steps, shift 8 (official demo)": replace(FAMILIES["self_forcing"], name="Self Forcing, shift 8 (official demo)",
                                                 shift=8.0),
     **{family.name: family for key, family in FAMILIES.items() if key != "self_forcing"},
 }
-DEFAULT_PRESET = "4 steps, shift 5 (paper)"
+DEFAULT_PRESET = MODEL_FAMILY
 LATER_BLOCK_STEPS = {"preset": None, "4": DEFAULT_STEPS, "2": (1000, 500), "1": (1000,)}
 # Cache-rule choices of the Cache Rules node -> ``CacheRules`` fields ("preset": the family's).
 ROPE_CHOICES = {"preset": {}, "absolute": {"rope": "absolute"}, "relative": {"rope": "relative"}}
@@ -61,7 +63,8 @@ def sampler_inputs():
                      tooltip="All noise comes from this seed (same result on any device)."),
         io.Combo.Input("steps", options=list(PRESETS), default=DEFAULT_PRESET,
                        tooltip="Preset of the checkpoint family: block plan, step lists, sampler and KV cache "
-                               "rules. Self Forcing: 4 steps with shift 5 as trained (the official demo used shift "
+                               "rules. The model's family: the one Load Self-Forcing Model found for the file "
+                               "(its info says which; Self Forcing if the name names none). Self Forcing: 4 steps with shift 5 as trained (the official demo used shift "
                                "8). Causal Forcing frame-wise: 1 latent frame per block (lowest latency), its first "
                                "block in 4 steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window "
                                "denoised jointly; a block appears when it leaves the window. LongLive: window 12 "
@@ -131,7 +134,8 @@ def sampling_arguments(model, positive, width, height, length, seed, steps, kv_w
     ``cache_rules`` (Cache Rules node) changes the preset's ``CacheRules`` fields."""
     latent_hw = latent_size(width, height)
     window = {"kv_window_frames": kv_window_frames, "sink_frames": sink_frames} if kv_window_frames else {}
-    family = PRESETS[steps].overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps], **window,
+    preset = PRESETS[steps] or getattr(model, "family", FAMILIES["self_forcing"])
+    family = preset.overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps], **window,
                                        **(cache_rules or {}))
     switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"))
                 for frame, cond in prompt_schedule or []]

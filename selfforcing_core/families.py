@@ -148,3 +148,12 @@ def detect_family(file_name: str) -> str | None:
     cannot tell them apart."""
     name = re.sub(r"[-\s]", "_", file_name.lower())
     return next((key for pattern, key in FILE_NAME_FAMILIES if re.search(pattern, name)), None)
+
+
+def family_of_file(file_name: str) -> tuple[Family, str]:
+    """(the family ``detect_family`` finds for a checkpoint's file name, else Self Forcing; a line
+    for ``info`` saying where it came from)."""
+    key = detect_family(file_name)
+    if key is None:
+        return FAMILIES["self_forcing"], f"Self Forcing (the file name {file_name} names no family)"
+    return FAMILIES[key], f"{FAMILIES[key].name} (from the file name {file_name})"

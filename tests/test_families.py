@@ -74,3 +74,11 @@ def test_overrides_change_only_what_they_name_and_the_description_says_so():
 ])
 def test_family_is_suggested_by_the_file_name(file_name, family):
     assert detect_family(file_name) == family
+
+
+def test_a_file_name_without_a_family_loads_as_self_forcing_and_says_so():
+    from selfforcing_core.families import family_of_file
+
+    assert family_of_file("longlive_base.pt") == (FAMILIES["longlive"], "LongLive (from the file name longlive_base.pt)")
+    assert family_of_file("my_model.safetensors") == (
+        FAMILIES["self_forcing"], "Self Forcing (the file name my_model.safetensors names no family)")

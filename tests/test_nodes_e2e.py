@@ -91,6 +91,16 @@ def test_unmerged_lora_strength_changes_in_the_sampler_without_reloading_the_mod
     assert any((a != b).any() for a, b in zip(video_frames(saved_video(server, on)), plain))
 
 
+def test_the_model_family_preset_runs_what_the_loader_found_in_the_file_name(server):
+    for model, family in (("longlive_tiny.safetensors", "LongLive: "), ("sf_tiny.safetensors", "Self Forcing: ")):
+        graph = sampler_graph(length=13, model=model, extra={"7": {"class_type": "PreviewAny",
+                                                                   "inputs": {"source": ["1", 1]}}})
+        graph["4"]["inputs"]["steps"] = "the model's family (loader)"
+        entry = server.run(graph, timeout=300)
+        assert entry["outputs"]["4"]["selfforcing_live"][0]["info"].startswith(family)
+        assert f"family: {family[:-2]} (" in str(entry["outputs"]["7"]), entry["outputs"]["7"]
+
+
 def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
     graph = sampler_graph(length=0)
     graph["4"]["inputs"].update(steps="Custom")
