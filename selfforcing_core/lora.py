@@ -227,8 +227,9 @@ def merge_lora(model: nn.Module, source, strength: float = 1.0) -> int:
 
 class AttachedLoRA:
     """A LoRA file on a model whose strength can change between runs without re-loading the base:
-    low-rank parts as unmerged adapters (``LoRALinear``), full-weight diffs merged reversibly (the
-    original parameters are kept, so any strength is exact)."""
+    low-rank parts as unmerged adapters (``LoRALinear``, in the weights' dtype when it is 16-bit,
+    else float32), full-weight diffs merged reversibly (the original parameters are kept, so any
+    strength is exact)."""
 
     def __init__(self, model: nn.Module, lora: LoRAFile, adapter: str, strength: float):
         self.model, self.lora, self.adapter, self.loaded_strength = model, lora, adapter, strength
@@ -245,9 +246,10 @@ class AttachedLoRA:
             if layer.weight.shape != (up.shape[0], down.shape[1]):
                 raise ValueError(f"LoRA {name} is {up.shape[0]}x{down.shape[1]}, the layer is "
                                  f"{tuple(layer.weight.shape)}")
-            device = layer.weight.device
-            layer.down[adapter] = nn.Parameter(down.float().to(device), requires_grad=False)
-            layer.up[adapter] = nn.Parameter(up.float().to(device), requires_grad=False)
+            weight = layer.weight
+            dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+            layer.down[adapter] = nn.Parameter(down.to(weight.device, dtype), requires_grad=False)
+            layer.up[adapter] = nn.Parameter(up.to(weight.device, dtype), requires_grad=False)
             layer.alpha[adapter] = layer_alpha
             layer.active = adapter
         parameters = dict(model.named_parameters())

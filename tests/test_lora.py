@@ -202,3 +202,35 @@ def test_attached_lora_with_diffs_changes_strength_without_reload_and_equals_a_m
         attached.set_strength(0.0)
         base.eval()
         assert torch.equal(model(x, t, prompt, mode="bidirectional"), base(x, t, prompt, mode="bidirectional"))
+
+
+def test_attached_lora_on_16_bit_weights_runs_in_their_dtype_as_close_as_a_16_bit_merge():
+    """On bf16 weights the unmerged adapters are bf16 (no float32 pass per layer); their output is
+    no further from the float32 merge than merging into the bf16 weights is (twice that, for the
+    adapters' own rounding), and strength 0 is the bf16 base bit for bit."""
+    from selfforcing_core.lora import attach_lora
+    torch.manual_seed(0)
+    original = CausalWanModel(TINY).state_dict()
+    tensors = {f"diffusion_model.{module}.lora_{part}.weight": tensor
+               for module, (down, up) in lora_tensors().items() for part, tensor in (("down", down), ("up", up))}
+
+    def built(dtype, strength=None):
+        model = CausalWanModel(TINY)
+        model.load_state_dict(original)
+        model = model.to(dtype).eval()
+        if strength is not None:
+            merge_lora(model, tensors, strength)
+        return model
+
+    x, t, prompt = tiny_inputs()
+    with torch.no_grad():
+        reference = built(torch.float32, 1.0)(x, t, prompt, mode="bidirectional")
+        merged_error = (built(torch.bfloat16, 1.0)(x, t, prompt, mode="bidirectional").float() - reference).abs().max()
+        model = built(torch.bfloat16)
+        attached = attach_lora(model, tensors)
+        assert model.blocks[0].self_attn.q.down["file"].dtype == torch.bfloat16
+        attached_error = (model(x, t, prompt, mode="bidirectional").float() - reference).abs().max()
+        assert 0 < attached_error <= 2 * merged_error, (attached_error, merged_error)
+        attached.set_strength(0.0)
+        assert torch.equal(model(x, t, prompt, mode="bidirectional"), built(torch.bfloat16)(x, t, prompt,
+                                                                                             mode="bidirectional"))
