@@ -7,10 +7,9 @@ from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
 
 from ..selfforcing_core.families import FAMILIES
-from ..selfforcing_core.generate import generate_video
+from ..selfforcing_core.generate import check_video_fits, generate_video
 from ..selfforcing_core.kv_cache import CacheRules, check_window
 from ..selfforcing_core.latents import comfy_to_generator
-from ..selfforcing_core.memory import check_generation_fits
 from ..selfforcing_core.runtime_options import scale_unmerged_loras
 from ..selfforcing_core.rollout import PromptSwitch, blocks_covering, max_latent_frames
 from ..selfforcing_core.schedule import DEFAULT_STEPS
@@ -151,13 +150,10 @@ def total_blocks(arguments: dict) -> int:
 
 
 def check_memory(arguments: dict) -> None:
-    """Refuse, before allocating, a generation (``sampling_arguments``) that cannot fit (a stream until
-    Stop: its window; its outputs grow with every block)."""
-    height, width = pixel_size(arguments["latent_hw"])
-    settings = arguments["settings"]
-    check_generation_fits(arguments["model"], height, width, settings.kv_window_frames,
-                          arguments["latent_frames"] or settings.kv_window_frames,
-                          decoded=arguments["decoder"] is not None, batch_size=arguments["prompt"].shape[0])
+    """Refuse, before allocating, a generation (``sampling_arguments``) that cannot fit."""
+    check_video_fits(arguments["model"], arguments["latent_frames"], arguments["latent_hw"],
+                     settings=arguments["settings"], decoder=arguments["decoder"],
+                     batch_size=arguments["prompt"].shape[0])
 
 
 def check_sizes(width=None, height=None, length=None, kv_window_frames=None):

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .live import LiveSteering
-from .memory import estimate_for_model
+from .memory import check_generation_fits, estimate_for_model
 from .rollout import BlockGuide, NoiseSource, StreamSettings, blocks_covering, max_latent_frames, stream_blocks
 from .rolling_forcing import CACHE_FRAMES, stream_rolling
 from .units import pixel_size, video_frames_for
@@ -26,6 +26,26 @@ class GeneratedVideo:
     latents: torch.Tensor
     frames: torch.Tensor | None
     report: str = ""
+
+
+def cache_and_call_frames(settings: StreamSettings) -> tuple[int | None, int]:
+    """(latent frames the KV cache holds, None for a global cache; latent frames of one model call)
+    of a run of ``settings``: a block per call, or Rolling Forcing's clean cache and its window of
+    blocks denoised in one call."""
+    if settings.sampler == "rolling":
+        return CACHE_FRAMES, settings.frames_per_block * len(settings.step_lists()[1])
+    return settings.kv_window_frames, settings.frames_per_block
+
+
+def check_video_fits(model, latent_frames: int, latent_hw: tuple[int, int], *, settings: StreamSettings,
+                     decoder=None, batch_size: int = 1) -> None:
+    """Refuse (``memory.MemoryGuardError``, naming the estimate, the free memory and the fix) a
+    ``generate_video`` run that cannot fit, before anything is allocated. latent_frames 0 (until
+    stopped) counts the cache's window: the frames kept grow with every block."""
+    cache_frames, call_frames = cache_and_call_frames(settings)
+    check_generation_fits(model, *pixel_size(latent_hw), cache_frames, latent_frames or cache_frames,
+                          decoder=decoder, batch_size=batch_size, frames_per_block=settings.frames_per_block,
+                          call_frames=call_frames)
 
 
 def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int], *, seed: int,
@@ -116,8 +136,8 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     video = torch.cat(latents, dim=1)[:, :total_latent]
     pixels = torch.cat(frames, dim=1)[:, :video_frames_for(total_latent)] if frames else None
     seconds = time.perf_counter() - started
-    estimate = estimate_for_model(model, *pixel_size(latent_hw), CACHE_FRAMES if rolling else settings.kv_window_frames,
-                                  total_latent, prompt.shape[0], frames_per_block * (window_blocks if rolling else 1))
+    cache_frames, call_frames = cache_and_call_frames(settings)
+    estimate = estimate_for_model(model, *pixel_size(latent_hw), cache_frames, total_latent, prompt.shape[0], call_frames)
     waits = (f" (a block is output when it leaves the {window_blocks}-block window: the first after "
              f"{window_blocks} window calls)" if rolling else "")
     report = (f"{num_blocks} blocks in {seconds:.1f} s ({seconds / num_blocks:.2f} s per block, "

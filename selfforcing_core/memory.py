@@ -6,15 +6,23 @@ Weights are counted from the model built on the meta device (exact for a given c
 offload included). Activations are the peak of the transient tensors of one block call in
 inference (no gradients), assuming a memory-efficient attention kernel (flash / SDPA efficient):
 the larger of the q/k normalisation phase and the FFN phase (two [tokens, ffn_dim] tensors).
-Decoders and the text encoder are not included.
+The text encoder is not included. A streaming decoder's activations (one block decoded at a
+time) are traced: its decode of one block runs on fake tensors, which carry shapes but no memory,
+and the peak of the bytes its tensors hold at once is counted (``traced_peak_bytes``); this equals
+the allocator's peak on the CPU.
 
 The guards (``check_generation_fits``, ``check_encoding_fits``) compare these needs with the free
 memory before anything is allocated, so an impossible request is refused with both figures
 instead of growing the process until the OS kills it.
 """
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .errors import SelfForcingError
 from .fp8 import FP8Linear, fp8_layers
@@ -115,8 +123,59 @@ def estimate_for_model(model: CausalWanModel, height: int, width: int, kv_window
                            offload_blocks=sum(block.offload is not None for block in model.blocks))
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that ops create and that are still referenced (views and
+    in-place results add nothing; a tensor's bytes are released when it is garbage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _release(self, nbytes: int):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func._schema.is_mutable:
+            return out
+        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs:
+                nbytes = tensor.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._release, nbytes)
+        return out
+
+
+def traced_peak_bytes(fn: Callable[[Callable[..., torch.Tensor]], object]) -> int:
+    """Peak bytes of the tensors ``fn`` holds at once, traced without allocating: ``fn(new)`` runs
+    on fake tensors, and ``new(shape, device, dtype)`` makes its (fake) inputs; real parameters of
+    the modules it calls are read as fakes."""
+    with FakeTensorMode(allow_non_fake_inputs=True), _LiveTensorBytes() as counter:
+        fn(lambda shape, device, dtype: torch.empty(shape, device=device, dtype=dtype))
+    return counter.peak
+
+
+def decoder_activation_bytes(decoder, latent_frames: int, latent_h: int, latent_w: int, batch_size: int = 1) -> int:
+    """Peak bytes of a streaming decoder (``codec.StreamingCodec``) decoding one block of
+    ``latent_frames`` latent frames at latent_h x latent_w (the first block of a clip, which
+    has no carried state but otherwise the same shapes), on the decoder's device."""
+    weight = next(decoder.parameters())
+
+    def decode_block(new):
+        decoder.stream().decode(new((batch_size, latent_frames, decoder.latent_channels, latent_h, latent_w),
+                                    weight.device, weight.dtype))
+    return traced_peak_bytes(decode_block)
+
+
 class MemoryGuardError(SelfForcingError):
-    """A request that cannot fit the free memory, refused before anything is allocated."""
+    """A request that cannot fit the free memory, refused before anything is allocated; ``need``
+    and ``free`` in bytes."""
+
+    def __init__(self, message: str, need: int, free: int):
+        super().__init__(message)
+        self.need, self.free = need, free
 
 
 def available_memory(device: str | torch.device) -> int | None:
@@ -145,7 +204,7 @@ def check_fits(need: int, device: str | torch.device, what: str, fix: str) -> No
     if free is not None and need > free:
         gib = 2 ** 30
         raise MemoryGuardError(f"{what} needs about {need / gib:.1f} GiB on {torch.device(device)} but only "
-                               f"{free / gib:.1f} GiB is free; {fix}")
+                               f"{free / gib:.1f} GiB is free; {fix}", need, free)
 
 
 def frame_bytes(video_frames: int, height: int, width: int, batch_size: int = 1) -> int:
@@ -154,24 +213,31 @@ def frame_bytes(video_frames: int, height: int, width: int, batch_size: int = 1)
 
 
 def check_generation_fits(model: CausalWanModel, height: int, width: int, kv_window_frames: int | None,
-                          num_frames: int, decoded: bool, batch_size: int = 1, frames_per_block: int = 3) -> None:
+                          num_frames: int, decoder=None, batch_size: int = 1, frames_per_block: int = 3,
+                          call_frames: int | None = None) -> None:
     """Refuse a generation of ``num_frames`` latent frames that cannot fit, before it allocates.
 
-    Needs beyond the loaded weights: KV and text caches and activations on the model's device
-    (``estimate_for_model``); the decoded float32 frames, twice (the blocks and the joined
-    clip), in host memory. On the CPU both come out of the same RAM.
+    Needs beyond the loaded weights: KV and text caches and the activations of one model call
+    over ``call_frames`` latent frames (default: a block; Rolling Forcing: its window of blocks)
+    on the model's device (``estimate_for_model``); with a ``decoder``, its activations for one
+    block (``decoder_activation_bytes``) on its device, and the decoded float32 frames, twice
+    (the blocks and the joined clip), in host memory. Needs on the same device add up (on the
+    CPU all of them come out of the same RAM).
     """
-    estimate = estimate_for_model(model, height, width, kv_window_frames, num_frames, batch_size, frames_per_block)
-    device_need = estimate.total - estimate.weights
-    host_need = 2 * frame_bytes(video_frames_for(num_frames), height, width, batch_size) if decoded else 0
+    latent_h, latent_w = latent_size(width, height)
+    estimate = estimate_for_model(model, height, width, kv_window_frames, num_frames, batch_size,
+                                  call_frames or frames_per_block)
+    needs = {model.device: estimate.total - estimate.weights}
+    if decoder is not None:
+        decoder_device = next(decoder.parameters()).device
+        decoding = decoder_activation_bytes(decoder, frames_per_block, latent_h, latent_w, batch_size)
+        needs[decoder_device] = needs.get(decoder_device, 0) + decoding
+        frames = 2 * frame_bytes(video_frames_for(num_frames), height, width, batch_size)
+        needs[torch.device("cpu")] = needs.get(torch.device("cpu"), 0) + frames
     fix = ("lower width, height or length, or set kv_window_frames (e.g. 21) so the cache stops growing"
            if kv_window_frames is None else "lower width, height or length, or the KV window")
-    device = model.device
-    if device.type == "cpu":
-        check_fits(device_need + host_need, device, "this video", fix)
-    else:
-        check_fits(device_need, device, "this video", fix)
-        check_fits(host_need, "cpu", "the decoded frames of this video", fix)
+    for device, need in needs.items():
+        check_fits(need, device, "this video" if device == model.device else "decoding this video", fix)
 
 
 def check_encoding_fits(video_frames: int, height: int, width: int, device: str | torch.device,

@@ -1,13 +1,20 @@
-"""Memory estimate: exact for weights and caches, within 10% of the measured activation peak."""
+"""Memory estimate: exact for weights and caches, within 10% of the measured activation peaks; the guards."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from selfforcing_core import memory
 from selfforcing_core.checkpoint import load_generator
 from selfforcing_core.config import WAN_T2V_1P3B as REAL_1P3B
-from selfforcing_core.memory import activation_bytes, estimate_for_model, estimate_memory
+from selfforcing_core.families import FAMILIES
+from selfforcing_core.generate import cache_and_call_frames, check_video_fits
+from selfforcing_core.memory import (MemoryGuardError, activation_bytes, decoder_activation_bytes, estimate_for_model,
+                                     estimate_memory, frame_bytes)
 from selfforcing_core.model import CausalWanModel, WanConfig
 from selfforcing_core.offload import offload_blocks
+from selfforcing_core.taehv import TAEHV
+from selfforcing_core.wan_vae import WanVAE
+from support.decoder_weights import taehv_state_dict, wan_vae_state_dict
 from support.tiny import TINY
 
 
@@ -92,3 +99,67 @@ def test_estimate_for_a_loaded_model_reads_its_dtype_fp8_format_and_offload():
                                offload_blocks=1)
     assert estimate_for_model(model, 64, 48, 6, 9) == expected
     assert estimate_for_model(model, 64, 48, 6, 9).offloaded_weights > 0
+
+
+@pytest.mark.parametrize("codec_name, frames, latent_h, latent_w", [("taehv", 3, 8, 12), ("wan_vae", 1, 6, 10)])
+def test_traced_decoder_activations_match_the_measured_peak_of_one_block_decode(codec_name, frames, latent_h, latent_w):
+    """The fake-tensor trace counts the tensors the real decode holds (none of it is allocated)."""
+    codec = {"taehv": lambda: TAEHV.from_state_dict(taehv_state_dict()),
+             "wan_vae": lambda: WanVAE.from_state_dict(wan_vae_state_dict())}[codec_name]().eval()
+    block = torch.randn(1, frames, 16, latent_h, latent_w)
+    codec.stream().decode(block)  # first calls of a kernel may allocate once
+    measured = peak_live_bytes(lambda: codec.stream().decode(block))
+    assert abs(decoder_activation_bytes(codec, frames, latent_h, latent_w) - measured) < 0.1 * measured
+
+
+@pytest.fixture
+def free_memory(monkeypatch):
+    """Set the free memory the guard sees: call with a byte count."""
+    def set_free(nbytes):
+        monkeypatch.setattr(memory, "available_memory", lambda device: nbytes)
+    return set_free
+
+
+def need_of(check) -> int:
+    """The bytes a guard asks for, read off its refusal when nothing is free."""
+    with pytest.raises(MemoryGuardError) as refusal:
+        check()
+    return refusal.value.need
+
+
+def test_generation_guard_counts_the_decoders_activations(free_memory):
+    model = CausalWanModel(TINY).eval()
+    decoder = TAEHV.from_state_dict(taehv_state_dict()).eval()
+    settings = FAMILIES["self_forcing"].settings()
+
+    def check(decoder):
+        return lambda: check_video_fits(model, 9, (32, 32), settings=settings, decoder=decoder)
+    free_memory(0)
+    without_decoder, with_decoder = need_of(check(None)), need_of(check(decoder))
+    frames = 2 * frame_bytes(33, 256, 256)  # blocks and joined clip, float32, in host memory
+    assert with_decoder == without_decoder + frames + decoder_activation_bytes(decoder, 3, 32, 32)
+    free_memory(with_decoder)
+    check(decoder)()  # a request that fits runs
+    free_memory(with_decoder - 1)
+    with pytest.raises(MemoryGuardError, match="this video needs about .* is free; lower width, height or length"):
+        check(decoder)()
+    check(None)()
+
+
+def test_generation_guard_counts_the_rolling_forcing_window_and_its_clean_cache(free_memory):
+    """Rolling Forcing calls the model on its window of 5 blocks at once and keeps 24 clean frames."""
+    model = CausalWanModel(TINY).eval()
+    family = FAMILIES["rolling_forcing"]
+    assert cache_and_call_frames(family.settings()) == (24, 15)
+
+    def check(settings):
+        return lambda: check_video_fits(model, 30, (32, 32), settings=settings)
+    free_memory(0)
+    rolling = need_of(check(family.settings()))
+    estimate = estimate_for_model(model, 256, 256, 24, 30, 1, 15)
+    assert rolling == estimate.total - estimate.weights
+    blockwise = need_of(check(FAMILIES["self_forcing"].settings(kv_window_frames=24)))
+    assert blockwise < rolling  # the same cache, one block per call
+    free_memory(rolling - 1)
+    with pytest.raises(MemoryGuardError, match="lower width, height or length, or the KV window"):
+        check(family.settings())()
