@@ -14,7 +14,11 @@ Frames go to the browser tab that queued the prompt as the websocket event ``sel
 ({"kind": "start" | "block" | "end", "prompt_id", "node", ...}; a block carries its frames as
 base64 JPEGs), encoded on a worker thread, off the generation path; the same thread appends them
 to the recorded mp4. Files go to ``output/self_forcing/`` under a fresh counter, never overwriting:
-``live_NNNNN_record.mp4`` and ``live_NNNNN_prompt_log.json``.
+``live_NNNNN_record.mp4`` and ``live_NNNNN_prompt_log.json``. The prompt log is written when the
+run recorded or took live requests: when the sampler ends (finished, stopped, or cancelled by the
+host's Cancel, then with the frames of the finished blocks), and, once the prompt has run, again
+beside every video that nodes downstream of the sampler saved to ``output/`` (Save Video's
+``name_00001_.mp4`` gets ``name_00001_.prompt_log.json``).
 """
 import base64
 import io as bytes_io
@@ -41,6 +45,7 @@ EVENT = "selfforcing.live"
 FPS = 16  # Wan 2.1's frame rate: the player's and the recording's
 PLAYER_SIZE = 512  # longest side of the frames sent to the browser
 OUTPUT_PREFIX = "self_forcing/live"
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv")
 
 _runs: dict[tuple[str, str], "LiveRun"] = {}
 _runs_lock = threading.Lock()
@@ -88,6 +93,8 @@ class LiveRun:
         self.client_id = PromptServer.instance.client_id  # the tab that queued the prompt (None: an API call)
         self.length = length  # video frames of the output (0: until stopped); the last block is trimmed to it
         self.blocks_done = 0
+        self.frames_done = 0  # video frames of the finished blocks (trimmed to the length)
+        self.logged = False
         self.steerable = True  # False: the sampler takes no live prompt or Stop (Rolling Forcing)
         self.block_first_frames: dict[int, int] = {}  # block -> its first video frame in the output
         self.folder, self.stem, self.recorder = None, None, None
@@ -113,6 +120,11 @@ class LiveRun:
         if self.recorder is not None:
             self.recorder.close()
         reason = "stopped" if self.steering.stop_requested else "finished" if error is None else "cancelled"
+        if error is not None:  # Cancel or a failure: log what the finished blocks hold
+            try:
+                self.write_prompt_log(self.frames_done, "cancelled")
+            except OSError:
+                logging.exception("Self-Forcing live: the prompt log of a cancelled run could not be written")
         self.send({"kind": "end", "reason": reason, "blocks": self.blocks_done})
 
     def live_for(self, settings):
@@ -129,6 +141,8 @@ class LiveRun:
             if frames is not None and self.length:
                 frames = frames[:, :max(0, self.length - first_frame)]
             self.blocks_done = block + 1
+            if frames is not None:
+                self.frames_done = first_frame + frames.shape[1]
             switched = [event.text for event in self.steering.log if event.kind == "switch" and event.block == block]
             self.frames.put((block, first_frame, frames, time.time(), switched[-1] if switched else None))
         return on_block
@@ -175,23 +189,77 @@ class LiveRun:
         lines += [f"live stop after block {e.block}" for e in self.steering.log if e.kind == "stop"]
         return "\n".join(lines)
 
-    def write_prompt_log(self, total_frames: int) -> str | None:
+    def write_prompt_log(self, total_frames: int, ending: str | None = None) -> str | None:
         """``live_NNNNN_prompt_log.json`` beside the recording (when there is one, or a live request
-        arrived); returns its path relative to output/."""
-        if self.recorder is None and not self.steering.log:
+        arrived); returns its path relative to output/. After a finished run (``ending`` None), the
+        same log goes beside the videos the prompt saves from the sampler's output, once it has run."""
+        if self.logged or (self.recorder is None and not self.steering.log):
             return None
+        self.logged = True
         if self.stem is None:
             self.folder, self.stem = output_stem("_prompt_log.json")
+        ending = ending or ("stopped" if self.steering.stop_requested else "finished")
         log = {"prompt_id": self.prompt_id, "node": self.node_id, "fps": FPS, "frames": total_frames,
-               "record": f"{self.stem}_record.mp4" if self.recorder is not None else None,
+               "ending": ending, "record": f"{self.stem}_record.mp4" if self.recorder is not None else None,
                "events": [{"kind": e.kind, "text": e.text, "block": e.block,
                            "frame": self.switch_frame(e),
                            "requested_at": e.requested_at, "applied_at": e.applied_at} for e in self.steering.log]}
         path = os.path.join(self.folder, f"{self.stem}_prompt_log.json")
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} appeared while the stream ran; the prompt log was not written over it")
-        atomic_write(path, lambda temp: open(temp, "w").write(json.dumps(log, indent=1)))
+        write_json(path, log)
+        if ending != "cancelled":
+            threading.Thread(target=log_beside_saved_videos, args=(self.prompt_id, self.node_id, log),
+                             name="selfforcing-prompt-log", daemon=True).start()
         return os.path.relpath(path, folder_paths.get_output_directory())
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` to a new file at ``path``, whole or not at all; an existing file is never replaced."""
+    def write(temp):
+        with open(temp, "w") as file:
+            json.dump(data, file, indent=1)
+    try:
+        atomic_write(path, write, overwrite=False)
+    except FileExistsError:
+        raise FileExistsError(f"{os.path.basename(path)} appeared while the stream ran; the prompt log was not "
+                              "written over it") from None
+
+
+def downstream_nodes(graph: dict, node_id: str) -> set[str]:
+    """Ids of the nodes of an API-format ``graph`` that take, directly or not, an output of ``node_id``."""
+    found, grown = set(), True
+    while grown:
+        grown = False
+        for node, spec in graph.items():
+            links = [value[0] for value in spec.get("inputs", {}).values() if isinstance(value, list) and value]
+            if node not in found and any(str(link) in found | {str(node_id)} for link in links):
+                found.add(node)
+                grown = True
+    return found
+
+
+def log_beside_saved_videos(prompt_id: str, node_id: str, log: dict, poll_seconds: float = 0.2) -> None:
+    """Once prompt ``prompt_id`` has run: ``log`` (with the video's name) beside every video file in
+    output/ that a node downstream of ``node_id`` saved, as ``<video name>.prompt_log.json``."""
+    queue = PromptServer.instance.prompt_queue
+    while not (history := queue.get_history(prompt_id=prompt_id)):
+        if not any(item[1] == prompt_id for item in queue.get_current_queue_volatile()[0]):
+            return  # gone from the queue without a history entry (history wiped)
+        time.sleep(poll_seconds)
+    entry = history[prompt_id]
+    output_root = os.path.realpath(folder_paths.get_output_directory())
+    downstream = downstream_nodes(entry["prompt"][2], node_id)
+    for node, outputs in entry["outputs"].items():
+        saved = [item for items in outputs.values() if isinstance(items, list) for item in items
+                 if isinstance(item, dict) and item.get("type") == "output"
+                 and str(item.get("filename", "")).lower().endswith(VIDEO_EXTENSIONS)]
+        for item in saved if node in downstream else []:
+            video = os.path.realpath(os.path.join(output_root, item.get("subfolder", ""), item["filename"]))
+            if os.path.commonpath([video, output_root]) != output_root or not os.path.isfile(video):
+                continue
+            try:
+                write_json(os.path.splitext(video)[0] + ".prompt_log.json", {**log, "video": item["filename"]})
+            except OSError:
+                logging.exception("Self-Forcing live: no prompt log beside %s", item["filename"])
 
 
 def find_run(body: dict) -> LiveRun:

@@ -9,17 +9,26 @@ from typing import Callable
 import torch
 
 
-def atomic_write(path, write: Callable[[str], None]):
-    """Call ``write(temp_path)`` and move the result to ``path``; the temporary file is removed on failure."""
+def atomic_write(path, write: Callable[[str], None], overwrite: bool = True):
+    """Call ``write(temp_path)`` and move the result to ``path``; the temporary file is removed on failure.
+
+    overwrite False: never replace a file at ``path`` (FileExistsError, also when one appears while
+    writing); the finished file is linked in under its name, whole.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
     os.close(handle)
     try:
         write(temp_path)
-        os.replace(temp_path, path)
+        if overwrite:
+            os.replace(temp_path, path)
+        else:
+            os.link(temp_path, path)
+            os.unlink(temp_path)
     except BaseException:
-        os.unlink(temp_path)
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
         raise
 
 

@@ -2,6 +2,7 @@
 routes, the `selfforcing.live` frame events, stop-and-keep, recording and the prompt log."""
 import asyncio
 import json
+import time
 import urllib.error
 import uuid
 
@@ -95,7 +96,9 @@ def test_live_switch_stop_and_keep_recording_and_prompt_log(server):
     switch, stop = log["events"]
     assert (switch["kind"], switch["text"], switch["block"], switch["frame"]) == ("switch", "dog", switch_block, switch_frame)
     assert switch["requested_at"] <= switch["applied_at"] and stop["kind"] == "stop"
-    assert log["frames"] == shown_frames
+    assert log["frames"] == shown_frames and log["ending"] == "stopped"
+    # the same log beside the file Save Video wrote, once the prompt has run
+    assert saved_log(saved_video(server, entry)) == {**log, "video": saved_video(server, entry).name}
     saved = video_frames(saved_video(server, entry))
     recorded = video_frames(server.output_dir / "self_forcing" / log["record"])
     assert len(saved) == len(recorded) == shown_frames
@@ -104,6 +107,38 @@ def test_live_switch_stop_and_keep_recording_and_prompt_log(server):
     # The server takes the next prompt, and the finished run no longer takes live text.
     assert post(server, "/selfforcing/live/prompt", {"prompt_id": prompt_id, "node_id": SAMPLER, "text": "dog"})[0] == 409
     assert len(video_frames(saved_video(server, server.run(live_graph(length=13, record=False), timeout=300)))) == 13
+
+
+def saved_log(video, timeout=10):
+    """The prompt log beside a saved video (``name_00001_.prompt_log.json``), written once the prompt has run."""
+    path = video.with_suffix(".prompt_log.json")
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def test_cancel_keeps_the_recording_of_the_finished_blocks_and_their_prompt_log(server):
+    """The host's Cancel discards the outputs (nothing is saved), but the recording and the prompt
+    log keep every finished block."""
+    def steer(event, prompt_id):
+        if event["block"] == 0:
+            post(server, "/selfforcing/live/prompt", {"prompt_id": prompt_id, "node_id": SAMPLER, "text": "dog"})
+        if event.get("switched"):
+            server.interrupt()
+
+    before = set((server.output_dir / "self_forcing").glob("*"))
+    events, outcome, prompt_id = run_live(server, live_graph(), steer)
+    assert outcome == "execution_interrupted" and events[-1]["reason"] == "cancelled"
+    blocks = events[-1]["blocks"]
+    new = set((server.output_dir / "self_forcing").glob("*")) - before
+    log_path = next(path for path in new if path.name.endswith("_prompt_log.json"))
+    log = json.loads(log_path.read_text())
+    assert log["ending"] == "cancelled" and log["frames"] == 9 + 12 * (blocks - 1)
+    assert [(e["kind"], e["text"]) for e in log["events"]] == [("switch", "dog")]
+    assert len(video_frames(server.output_dir / "self_forcing" / log["record"])) == log["frames"]
+    assert not [path for path in new if path.name.startswith("live_") and path.suffix == ".mp4"
+                and not path.name.endswith("_record.mp4")]  # Save Video did not run
 
 
 def test_live_requests_to_nothing_running_are_refused_clearly(server):
