@@ -192,3 +192,51 @@ def test_an_owner_widens_the_readable_clip_folders_with_extra_model_paths(comfy_
                 owner.queue_prompt(graph)
     finally:
         owner.stop()
+
+
+@pytest.fixture
+def pack_in_process(comfy_api_import, tmp_path, monkeypatch):
+    """The pack imported in this process as the host imports it (a package beside the host's
+    modules), with the host's output and loras folders in ``tmp_path``. No server runs: the live
+    routes register on a stand-in PromptServer."""
+    import importlib.util
+    import sys
+    import types
+
+    import folder_paths
+    from aiohttp import web
+
+    from comfy_paths import REPO_ROOT
+    stand_in = types.ModuleType("server")
+    stand_in.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(routes=web.RouteTableDef()))
+    monkeypatch.setitem(sys.modules, "server", sys.modules.get("server", stand_in))
+    if "selfforcing_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("selfforcing_pack", REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        package = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "selfforcing_pack", package)
+        spec.loader.exec_module(package)
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], {".safetensors"}))
+    return importlib.import_module("selfforcing_pack.nodes.trainer"), tmp_path
+
+
+def test_trainer_refuses_a_run_beyond_any_memory_before_touching_the_model(pack_in_process):
+    """Clip windows of 255 latent frames at 4096x4096, batch 64: about 4 TB of KV cache alone.
+    Refused with the estimate and the fix before the trainer wraps the model or writes a file."""
+    trainer, root = pack_in_process
+    from selfforcing_pack.selfforcing_core.clips import ClipBatchSource
+    torch.manual_seed(0)
+    model = CausalWanModel(CONFIG).eval().requires_grad_(False)  # as the loader gives it
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    clips = ClipBatchSource(latents=torch.zeros(()).expand(1, 255, 16, 512, 512),  # no memory behind it
+                            prompts=[torch.zeros(4, CONFIG.text_dim)], negative=torch.zeros(4, CONFIG.text_dim))
+    with pytest.raises(ValueError, match=r"training on 64 x 255 latent frames at 4096x4096 needs about \d+\.\d GiB on "
+                                         r"cpu but only .* is free; lower the batch size") as refusal:
+        trainer.SelfForcingTrainer.execute(model, clips, "too_big", steps=1, generator_lr=1e-4, critic_lr=1e-4,
+                                           lora_rank=4, real_lora_weight=1.0, batch_size=64, seed=0, save_every=1,
+                                           resume=False)
+    assert type(refusal.value).__name__ == "MemoryGuardError" and refusal.value.need > 2 ** 40
+    assert [type(m).__name__ for m in model.modules()].count("LoRALinear") == 0  # no adapter was injected
+    assert all(p.equal(before[name]) and not p.requires_grad for name, p in model.state_dict(keep_vars=True).items())
+    assert not [path for path in root.rglob("*") if path.is_file()]  # no run folder, checkpoint or LoRA
