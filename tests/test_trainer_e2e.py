@@ -9,6 +9,7 @@ from support.files import write_gif
 from support.tiny import HOST_TINY
 from selfforcing_core.lora_files import read_lora
 from selfforcing_core.loss_curves import format_losses
+from selfforcing_core.model import CausalWanModel
 
 pytestmark = pytest.mark.host
 
@@ -206,7 +207,7 @@ def pack_in_process(comfy_api_import, tmp_path, monkeypatch):
     import folder_paths
     from aiohttp import web
 
-    from comfy_paths import REPO_ROOT
+    from support.comfy_paths import REPO_ROOT
     stand_in = types.ModuleType("server")
     stand_in.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(routes=web.RouteTableDef()))
     monkeypatch.setitem(sys.modules, "server", sys.modules.get("server", stand_in))
@@ -227,10 +228,10 @@ def test_trainer_refuses_a_run_beyond_any_memory_before_touching_the_model(pack_
     trainer, root = pack_in_process
     from selfforcing_pack.selfforcing_core.clips import ClipBatchSource
     torch.manual_seed(0)
-    model = CausalWanModel(CONFIG).eval().requires_grad_(False)  # as the loader gives it
+    model = CausalWanModel(HOST_TINY).eval().requires_grad_(False)  # as the loader gives it
     before = {name: p.clone() for name, p in model.state_dict().items()}
     clips = ClipBatchSource(latents=torch.zeros(()).expand(1, 255, 16, 512, 512),  # no memory behind it
-                            prompts=[torch.zeros(4, CONFIG.text_dim)], negative=torch.zeros(4, CONFIG.text_dim))
+                            prompts=[torch.zeros(4, HOST_TINY.text_dim)], negative=torch.zeros(4, HOST_TINY.text_dim))
     with pytest.raises(ValueError, match=r"training on 64 x 255 latent frames at 4096x4096 needs about \d+\.\d GiB on "
                                          r"cpu but only .* is free; lower the batch size") as refusal:
         trainer.SelfForcingTrainer.execute(model, clips, "too_big", steps=1, generator_lr=1e-4, critic_lr=1e-4,
