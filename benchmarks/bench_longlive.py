@@ -29,9 +29,10 @@ import time
 
 import torch
 
+from selfforcing_core.config import WAN_T2V_1P3B
 from selfforcing_core.families import FAMILIES
 from selfforcing_core.lora import DEFAULT_TARGETS, attach_lora, merge_lora
-from selfforcing_core.model import WAN_T2V_1P3B, CausalWanModel
+from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, recache_prompt, stream_blocks
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
