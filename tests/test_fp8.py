@@ -61,7 +61,7 @@ def test_fp8_linear_dequantise_path_equals_linear_on_dequantised_weight(granular
     weight, bias, x = torch.randn(32, 48), torch.randn(32), torch.randn(2, 7, 48)
     layer = FP8Linear(*quantise(weight, "e4m3fn", granularity), bias)
     expected = F.linear(x, layer.weight.float() * layer.scale_weight, bias)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -143,7 +143,7 @@ def test_comfyui_scaled_fp8_file_loads_exactly(tmp_path):
     reference = load_generator(dequantised_reference(file_dict), **LOAD)
     x, t, prompt = inputs(TINY)
     torch.testing.assert_close(model(x, t, prompt, mode="bidirectional"),
-                               reference(x, t, prompt, mode="bidirectional"), rtol=1e-5, atol=1e-5)
+                               reference(x, t, prompt, mode="bidirectional"), rtol=0, atol=0)
     # fp8 "off" dequantises the file into plain float linears
     plain = load_generator(path, fp8="off", **LOAD)
     assert not any(isinstance(m, FP8Linear) for m in plain.modules())

@@ -7,6 +7,7 @@ from selfforcing_core.generate import generate_video
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
 from selfforcing_core.schedule import DEFAULT_STEPS, FlowMatchSchedule
+from support.rounding import assert_within_float32_reductions, module_reductions
 from support.tiny import tiny_model, tiny_prompt
 
 
@@ -23,7 +24,8 @@ def test_frames_decoded_per_block_equal_the_whole_clip_decode(model):
                                                                 info["frames"].shape[1])))
     assert video.latents.shape == (1, 7, 16, 8, 8)  # 3 blocks generated, trimmed to 7 latent frames
     assert video.frames.shape == (1, 25, 3, 64, 64)  # 1 + 4 * 6 video frames
-    torch.testing.assert_close(video.frames, decoder.decode_video(video.latents), atol=1e-5, rtol=0)
+    assert_within_float32_reductions(video.frames, decoder.decode_video(video.latents),  # 3-frame vs 7-frame calls
+                                     *module_reductions(decoder.decoder))
     assert [(b, t) for b, t, _ in blocks] == [(0, 3), (1, 3), (2, 3)]
     assert "memory estimate" in video.report and "3 blocks" in video.report
 

@@ -10,6 +10,7 @@ from selfforcing_core.keyframes import (Keyframe, KeyframeGuide, check_keyframes
                                         prepare_keyframes, start_block)
 from selfforcing_core.codec_loading import load_codec
 from selfforcing_core.rollout import NoiseSource, PromptSwitch, StreamSettings, sample_video, write_clean_context
+from support.rounding import assert_within_float32_reductions, assert_within_roundings, module_reductions
 from support.tiny import tiny_model, tiny_prompt
 
 LATENT = (16, 4, 6)  # 2 x 3 = 6 tokens per frame; images are 32 x 48
@@ -50,7 +51,9 @@ def test_start_image_prefill_puts_its_encoding_in_the_cache(model, codec_kind):
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
     start = start_block(codec.encode_video, image)
     assert start.shape == (1, 3, *LATENT)
-    torch.testing.assert_close(start[:, 0], codec.encode_video(image[:, None])[:, 0])
+    # the still's first latent from a 9-frame clip vs a 1-frame one: the same convolutions over other lengths
+    assert_within_float32_reductions(start[:, 0], codec.encode_video(image[:, None])[:, 0],
+                                     *module_reductions(codec.encoder, tokens=LATENT[1] * LATENT[2]))
     states = []
     video = sample_video(model, tiny_prompt(), 2, LATENT, noise=seeded(), settings=StreamSettings(prefill=start),
                          guide=KeyframeGuide([]), callback=lambda info: states.append(info["state"]))
@@ -68,7 +71,7 @@ def test_start_image_prefill_puts_its_encoding_in_the_cache(model, codec_kind):
 def test_strength_one_lands_exactly_on_the_keyframe(model, method, frame):
     key = Keyframe(frame, random_latent(9), 1.0)
     video = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded(), guide=KeyframeGuide([key], method))
-    torch.testing.assert_close(video[:, frame], key.latent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(video[:, frame], key.latent, rtol=0, atol=0)
     plain = sample_video(model, tiny_prompt(), NUM_BLOCKS, LATENT, noise=seeded())
     assert (video[:, frame] - plain[:, frame]).abs().max() > 0.1
 
@@ -87,7 +90,9 @@ def test_guidance_ramp_rises_to_the_strength_and_can_reach_the_previous_block():
     guide = KeyframeGuide([key], "guidance", ramp_frames=3)
     pulled = torch.cat([guide.guide_x0(start, 0, torch.zeros(1, 3, *LATENT)) for start in (0, 3)], dim=1)
     weights = pulled.mean(dim=(0, 2, 3, 4))  # x0 = 0, key = 1 -> the weight per frame
-    torch.testing.assert_close(weights, torch.tensor([0.0, 0.18, 0.36, 0.54, 0.72, 0.0]) * 1.25)
+    expected = torch.tensor([0.0, 0.18, 0.36, 0.54, 0.72, 0.0]) * 1.25
+    per_frame = pulled[0, 0].numel()  # a mean over this many values, after a few operations per value
+    assert_within_roundings(weights, expected, 1.25, per_frame + 4)
 
 
 def test_anchor_steers_earlier_blocks_and_leaves_the_cache(model):
@@ -103,7 +108,7 @@ def test_anchor_steers_earlier_blocks_and_leaves_the_cache(model):
     assert (video[:, :3] - plain[:, :3]).abs().max() > 1e-3
     # the anchor occupies one window slot while a block is denoised, so one older frame is evicted early
     assert slots == [[0, 1, 2], [2, 3, 4, 5], [5, 6, 7, 8], [7, 8, 9, 10, 11]]
-    torch.testing.assert_close(video[:, 11], random_latent(7), rtol=0, atol=1e-6)
+    torch.testing.assert_close(video[:, 11], random_latent(7), rtol=0, atol=0)
 
 
 def test_guidance_with_start_image_window_and_prompt_switch(model, taehv):
@@ -116,7 +121,7 @@ def test_guidance_with_start_image_window_and_prompt_switch(model, taehv):
     video = sample_video(model, tiny_prompt(), 3, LATENT, noise=seeded(), settings=settings,
                          guide=KeyframeGuide([end]))
     assert video.shape == (1, 12, *LATENT) and end.latent_frame == 11
-    torch.testing.assert_close(video[:, 11], end.latent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(video[:, 11], end.latent, rtol=0, atol=0)
 
 
 def test_keyframes_that_cannot_be_honoured_give_clear_errors():

@@ -9,8 +9,10 @@ from selfforcing_core.lora import (LoRALinear, active_adapter, adapter_parameter
                                    lora_layers, merge_lora, save_lora)
 from selfforcing_core.lora_files import read_lora, read_lora_file
 from selfforcing_core.model import CausalWanModel
+from support.rounding import assert_within_float32_reductions, assert_within_roundings, wan_forward_reductions
 from support.tiny import TINY
 
+REDUCTIONS = wan_forward_reductions(TINY, tokens=3 * 2 * 2)  # tiny_inputs: 3 frames of 2 x 2 patches
 
 
 def tiny_inputs(batch=1):
@@ -74,10 +76,11 @@ def test_saved_lora_merged_into_plain_model_equals_adapter_forward(tmp_path):
         expected = model(x, t, prompt, mode="bidirectional")
     original = {k: v.clone() for k, v in plain.state_dict().items()}
     assert merge_lora(plain, path) == 3 * TINY.num_layers + 1
-    torch.testing.assert_close(plain(x, t, prompt, mode="bidirectional"), expected, atol=1e-5, rtol=1e-5)
+    assert_within_float32_reductions(plain(x, t, prompt, mode="bidirectional"), expected, *REDUCTIONS)
+    merged = {k: v.clone() for k, v in plain.state_dict().items()}
     merge_lora(plain, path, strength=-1.0)
-    for key, value in plain.state_dict().items():
-        torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)
+    for key, value in plain.state_dict().items():  # W + d, then - d (the same d): two roundings
+        assert_within_roundings(value, original[key], torch.maximum(merged[key].abs(), original[key].abs()), 2)
 
 
 def test_file_layout_is_comfyui_lora_down_up_alpha_and_loads_back(tmp_path):
@@ -197,8 +200,8 @@ def test_attached_lora_with_diffs_changes_strength_without_reload_and_equals_a_m
             merged = CausalWanModel(TINY)
             merged.load_state_dict(original)
             assert merge_lora(merged, tensors, strength) == 5
-            torch.testing.assert_close(model(x, t, prompt, mode="bidirectional"),
-                                       merged(x, t, prompt, mode="bidirectional"), atol=1e-5, rtol=1e-5)
+            assert_within_float32_reductions(model(x, t, prompt, mode="bidirectional"),
+                                             merged(x, t, prompt, mode="bidirectional"), *REDUCTIONS)
         attached.set_strength(0.0)
         base.eval()
         assert torch.equal(model(x, t, prompt, mode="bidirectional"), base(x, t, prompt, mode="bidirectional"))
