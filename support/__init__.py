@@ -6,6 +6,7 @@
 * ``comfy_paths`` / ``comfy_server`` / ``comfy_host``: locate the ComfyUI host, run it as a server, test glue.
 * ``tiny_workflows``: the shared workflows' prompts with the tiny models swapped in.
 * ``frontend`` / ``live_player``: the host's own frontend in headless Chromium; the live player driven in it.
+* ``rounding``: bounds for one quantity computed in two orders, derived from the computation.
 
 Import as ``support.x`` from the repository root: pytest puts the root on its path
 (``tests/pytest.ini``); benchmarks and scripts run as modules (``python -m benchmarks.bench_x``).
