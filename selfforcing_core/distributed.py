@@ -27,8 +27,8 @@ def average_gradients(params: list[torch.Tensor], world_size: int):
 
 
 def mean_over_processes(value: torch.Tensor, world_size: int) -> float:
-    """The mean of a scalar over the processes, in float64 (a collective; the value itself with one)."""
-    value = value.detach().double().reshape(1)
+    """The mean of a scalar over the processes, in float32 (a collective; the value itself with one)."""
+    value = value.detach().float().reshape(1)
     if world_size > 1:
         dist.all_reduce(value)
         value /= world_size

@@ -1,4 +1,5 @@
 """Precision paths: no float64 on the compute device; the bf16 path's error against float32."""
+import math
 import sys
 
 import pytest
@@ -7,9 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from selfforcing_core import checkpoint
+from selfforcing_core.clips import ClipBatchSource
 from selfforcing_core.model import RopeTable, rope_tables, sinusoidal_embedding
 from selfforcing_core.runtime_options import load_with_options
 from selfforcing_core.rollout import NoiseSource, sample_video
+from selfforcing_core.trainer import Trainer, TrainConfig
 from support.tiny import tiny_model, tiny_prompt
 
 # The host-side table builders: the only code allowed to make float64 tensors (on the CPU).
@@ -60,6 +63,21 @@ def test_rollout_makes_float64_only_in_the_host_table_builders(dtype):
     assert torch.equal(latents, expected)
     assert mode.allowed > 0 and mode.ops > 1000  # the mode saw the whole rollout, tables included
     assert latents.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_makes_float64_only_in_the_host_table_builders(dtype):
+    """One generator update (rollout with exit, critic and teacher scores, the DMD loss), one critic
+    and one teacher-adapter update (flow matching), AdamW and the loss record, all under the mode."""
+    g = torch.Generator().manual_seed(5)
+    data = ClipBatchSource(latents=torch.randn(2, 6, 16, 4, 4, generator=g),
+                           prompts=[torch.randn(5, 32, generator=g) for _ in range(2)],
+                           negative=torch.randn(7, 32, generator=g))
+    trainer = Trainer(tiny_model().to(dtype), data, TrainConfig(steps=1, batch_size=2, lora_rank=2))
+    with NoFloat64(HOST_TABLE_CODE) as mode:
+        record = trainer.train_step()
+    assert all(math.isfinite(record[name]) for name in ("generator", "critic", "real"))
+    assert mode.ops > 1000
 
 
 def test_rope_tables_reach_the_device_without_float64():
