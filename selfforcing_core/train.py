@@ -11,7 +11,8 @@
     {"model": "self_forcing_dmd.safetensors",   # generator checkpoint (any layout load_generator reads)
      "dataset": "clips_cache/",                  # folder made by step 1 or the dataset node (index.json)
      "output": "runs/my_lora/",                  # checkpoint.pt and the result go here
-     "num_heads": null, "text_len": 512, "dtype": "auto",   # optional model-loading options
+     "num_heads": null, "text_len": 512, "dtype": "auto",   # optional model-loading options (dtype auto:
+                                                 # fp32 weights, see load_for_training)
      "result_name": "my_lora.safetensors",       # optional, default lora.safetensors, or
                                                  # generator.safetensors with "finetune": "full"
      "training": {"steps": 600, "batch_size": 8, ...}}      # TrainConfig fields
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from .checkpoint import load_generator
 from .clips import load_clips, prepare_clips
 from .codec_loading import load_codec
+from .model import CausalWanModel
 from .prompt_embeddings import load_prompt_embeddings
 from .loss_curves import format_losses
 from .trainer import Trainer, TrainConfig
@@ -86,6 +88,18 @@ def prepare(argv):
     print(f"prepared {len(data.names)} windows of {args.latent_frames} latent frames in {args.cache}", flush=True)
 
 
+def load_for_training(config: dict, device) -> CausalWanModel:
+    """The generator a training run starts from. dtype "auto" means fp32 here on every device, not
+    the inference choice (bf16 on GPUs and bf16 CPUs): the trained weights are the optimizer's
+    master copy and must stay fp32 (16-bit weights drop updates below their rounding step); on
+    CUDA the compute still runs in bf16 under autocast. An explicit "bf16" or "fp16" keeps a 16-bit
+    frozen base for LoRA training (the adapters are fp32 either way)."""
+    dtype = config.get("dtype", "auto")
+    return load_generator(config["model"], dtype="fp32" if dtype == "auto" else dtype, device=device,
+                          num_heads=config.get("num_heads"), head_dim=config.get("head_dim", 128),
+                          text_len=config.get("text_len", 512))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
@@ -96,9 +110,7 @@ def main(argv=None):
                          "--negative FILE [--width W --height H --latent-frames F]")
     config = read_config(argv[0])
     device = init_distributed()
-    model = load_generator(config["model"], dtype=config.get("dtype", "auto"), device=device,
-                           num_heads=config.get("num_heads"), head_dim=config.get("head_dim", 128),
-                           text_len=config.get("text_len", 512))
+    model = load_for_training(config, device)
     trainer = Trainer(model, load_clips(config["dataset"]), TrainConfig.from_dict(config.get("training", {})))
     output = config["output"]
     if trainer.sharded and trainer.rank == 0:

@@ -111,6 +111,10 @@ class Trainer:
         if cfg.finetune == "full" and any(isinstance(m, FP8Linear) for m in model.modules()):
             raise ValueError("full fine-tuning trains every weight, but this model keeps its block linears in FP8; "
                              "load it with fp8 off (fp32 weights for training), or train a LoRA")
+        if cfg.finetune == "full" and model.dtype != torch.float32:
+            raise ValueError(f"full fine-tuning keeps the trained weights as the optimizer's fp32 master copy, but "
+                             f"this model's weights are {model.dtype}; load it with dtype fp32 (CUDA still computes "
+                             "in bf16 under autocast), or train a LoRA (its adapters are fp32 on any base)")
         self.device = model.device
         self.schedule = FlowMatchSchedule(cfg.timestep_shift)
         self.timesteps = self.schedule.warp(cfg.denoising_steps)

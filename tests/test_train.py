@@ -88,6 +88,28 @@ def test_full_finetune_trains_the_generator_weights_while_critic_and_teacher_kee
                 small_config(finetune="full"))
 
 
+def test_training_keeps_fp32_master_weights_on_a_bf16_cpu(tmp_path, monkeypatch):
+    """dtype auto picks bf16 for inference on a CPU with bf16 matrix units, but a training run loads
+    fp32; LoRA adapters on an explicitly bf16 base are fp32 and train; full fine-tuning of 16-bit
+    weights is refused."""
+    monkeypatch.setenv("SELFFORCING_CPU_BF16", "1")
+    save_file(tiny_model().state_dict(), tmp_path / "model.safetensors")
+    config = {"model": str(tmp_path / "model.safetensors"), "num_heads": 2, "text_len": 16}
+    assert load_generator(config["model"], num_heads=2, text_len=16).dtype == torch.bfloat16  # inference
+    assert train.load_for_training({**config, "dtype": "auto"}, "cpu").dtype == torch.float32
+    assert train.load_for_training(config, "cpu").dtype == torch.float32
+    bf16_base = train.load_for_training({**config, "dtype": "bf16"}, "cpu")
+    assert bf16_base.dtype == torch.bfloat16
+    trainer = Trainer(bf16_base, tiny_data(), small_config())
+    before = {name: {key: p.detach().clone() for key, p in params.items()} for name, params in trainer.params.items()}
+    trainer.train_step()
+    for name, params in trainer.params.items():
+        assert all(p.dtype == torch.float32 for p in params.values()), name
+        assert any(not torch.equal(p, before[name][key]) for key, p in params.items()), name
+    with pytest.raises(ValueError, match="fp32 master copy.*torch.bfloat16"):
+        Trainer(train.load_for_training({**config, "dtype": "bf16"}, "cpu"), tiny_data(), small_config(finetune="full"))
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_resume_from_an_interrupt_reproduces_an_uninterrupted_run(tmp_path, finetune):
     straight = Trainer(tiny_model(), tiny_data(), small_config(finetune=finetune))
