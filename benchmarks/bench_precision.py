@@ -13,26 +13,31 @@ Prints figures; asserts nothing. Usage (real size: wrap in ``flock /tmp/heavy.lo
   would take on idle cores; a shared machine stretches wall time by whatever else runs, and the
   wall figures are printed beside them). Ratios use the dedicated seconds.
 * GFLOP/s: FLOPs of each block counted on fake tensors, over its dedicated time, against the GEMM
-  rate this machine reaches for the model's own linear shapes at the same row count (F.linear,
-  median of repeats, both dtypes, timed the same way).
-* Memory: peak resident memory above the block's start while it runs (sampled every 2 ms), i.e.
-  the transient activations; the weights are listed apart.
+  rate this machine reaches on the model's own linear weights (every linear of every layer, fp32
+  and bf16 models, ``F.linear`` of as many rows as a call has tokens), timed the same way once
+  after every round of blocks, beside them; the median over the rounds.
+* Memory, counted exactly (not sampled resident memory, which follows the allocator's caching):
+  every tensor a separate, untimed rollout of ``--memory-blocks`` blocks creates is counted
+  from its creation until it is freed (a dispatch mode with storage finalizers). Printed per
+  variant: the weights, the peak of all tensors the rollout holds (KV cache and activations), and
+  the transient peak of a steady block (its peak above what it started with).
 * Error: relative L2 error of the bf16 rollout's latents (all blocks) against fp32.
 
 Ends with one line: ``bf16 vs fp32: X.XXx faster per block, relative error Y.Ye-Z`` (largest latent size).
 """
 import argparse
-import resource
 import statistics
 import subprocess
-import threading
 import time
 import types
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import selfforcing_core
@@ -65,42 +70,11 @@ def build(model_class, state_dict, dtype) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
-class PeakRSS:
-    """Samples resident memory in a thread; ``peak_above_start()`` after a ``with`` block."""
-
-    def __init__(self):
-        self.start = self.peak = rss_bytes()
-        self.running = False
-
-    def __enter__(self):
-        self.start = self.peak = rss_bytes()
-        self.running = True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    def peak_above_start(self) -> int:
-        return self.peak - self.start
-
-
 def block_flops(cfg: WanConfig, latent_hw, num_blocks: int) -> list[int]:
-    """FLOPs of each block of a cached rollout (4 denoising calls + the clean pass), on fake tensors."""
+    """FLOPs of each block of a cached rollout (4 denoising calls + the clean pass), on fake tensors
+    (without gradients, as the rollout runs: the text is projected once per clip, in block 0)."""
     counts = []
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         model = CausalWanModel(cfg).eval().requires_grad_(False)
         prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
         cache = model.new_kv_cache(*latent_hw, capacity_frames=3 * num_blocks)
@@ -118,41 +92,91 @@ def dedicated_seconds() -> float:
     return time.process_time() / torch.get_num_threads()
 
 
-def gemm_rate(cfg: WanConfig, rows: int, dtype, repeats: int = 5) -> float:
-    """FLOP/s of one layer's linears (self q/k/v/o, cross q/o, FFN up/down) at ``rows`` input rows."""
-    shapes = [(cfg.dim, cfg.dim)] * 6 + [(cfg.dim, cfg.ffn_dim), (cfg.ffn_dim, cfg.dim)]
-    operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype))
-                for k, n in shapes]
-    flops = sum(2 * rows * k * n for k, n in shapes)
-    times = []
-    for _ in range(repeats + 1):
-        start = dedicated_seconds()
-        for x, w, b in operands:
-            F.linear(x, w, b)
-        times.append(dedicated_seconds() - start)
-    return flops / statistics.median(times[1:])
+def gemm_seconds(model: torch.nn.Module, rows: int) -> tuple[float, int]:
+    """(dedicated seconds, FLOPs) of ``F.linear`` over every linear weight of ``model``'s blocks,
+    ``rows`` input rows each, in the model's dtype: the GEMM rate at the model's own shapes and
+    memory layout."""
+    linears = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=model.dtype) for m in linears}
+    start = dedicated_seconds()
+    for layer in linears:
+        F.linear(inputs[layer.in_features], layer.weight, layer.bias)
+    return dedicated_seconds() - start, sum(2 * rows * m.in_features * m.out_features for m in linears)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensors created while the mode is active and still alive; ``peak`` their maximum.
+
+    An op's output that shares storage with one of its inputs (in-place ops, views, cache writes)
+    allocates nothing; any other output's storage is counted until a finalizer sees it freed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted: set[int] = set()
+
+    def reset_peak(self) -> int:
+        self.peak = self.live
+        return self.live
+
+    def _freed(self, pointer: int, size: int):
+        self.counted.discard(pointer)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            pointer, size = storage.data_ptr(), storage.nbytes()
+            if size and pointer not in inputs and pointer not in self.counted:
+                self.counted.add(pointer)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, pointer, size)
+        return out
+
+
+def memory_of_rollout(model, cfg: WanConfig, latent_hw, num_blocks: int, prompt) -> tuple[int, int]:
+    """(peak bytes of all tensors a ``num_blocks`` rollout creates and holds, transient peak of its
+    last block above the bytes held at that block's start), counted by ``LiveTensorBytes``."""
+    memo = getattr(model.rope, "memo", {})  # "before" has no memo: it builds its tables in every call
+    memo.clear()  # count the RoPE tables the rollout builds too
+    stream = stream_blocks(model, prompt, num_blocks, (cfg.in_dim, *latent_hw),
+                           noise=NoiseSource(torch.Generator().manual_seed(7)))
+    with LiveTensorBytes() as counter:
+        for _ in range(num_blocks - 1):
+            next(stream)
+        overall, held = counter.peak, counter.reset_peak()
+        next(stream)
+    return max(overall, counter.peak), counter.peak - held
 
 
 def run_size(variants: dict, cfg: WanConfig, latent_hw, num_blocks: int, before_blocks: int, prompt) -> dict:
-    """Run every variant's rollout block by block in turn; per variant: block times, memory, latents."""
+    """Run every variant's rollout block by block in turn, and after each round the GEMM probe of
+    the fp32 and bf16 models; per variant: block times, wall times, latents, GEMM times."""
     streams = {name: stream_blocks(model, prompt, num_blocks if name != "before" else before_blocks,
                                    (cfg.in_dim, *latent_hw), noise=NoiseSource(torch.Generator().manual_seed(7)))
                for name, model in variants.items()}
-    results = {name: {"times": [], "wall": [], "memory": [], "latents": []} for name in variants}
+    results = {name: {"times": [], "wall": [], "latents": [], "gemm": []} for name in variants}
+    rows = 3 * (latent_hw[0] // 2) * (latent_hw[1] // 2)
     for block in range(num_blocks):
         for name, stream in streams.items():
             if name == "before" and block >= before_blocks:
                 continue
-            with PeakRSS() as memory:
-                start, wall = dedicated_seconds(), time.perf_counter()
-                latents = next(stream)
-                elapsed, wall = dedicated_seconds() - start, time.perf_counter() - wall
+            start, wall = dedicated_seconds(), time.perf_counter()
+            latents = next(stream)
+            elapsed, wall = dedicated_seconds() - start, time.perf_counter() - wall
             results[name]["times"].append(elapsed)
             results[name]["wall"].append(wall)
-            results[name]["memory"].append(memory.peak_above_start())
             results[name]["latents"].append(latents.float())
             print(f"  {latent_hw[0]}x{latent_hw[1]} block {block} {name:>6}: {elapsed:7.2f} s ({wall:.2f} s wall)",
                   flush=True)
+        for name in ("fp32", "bf16"):
+            results[name]["gemm"].append(gemm_seconds(variants[name], rows))
     return results
 
 
@@ -163,6 +187,7 @@ def main():
     parser.add_argument("--latents", default=None, help="latent sizes, e.g. 8x8,16x16")
     parser.add_argument("--blocks", type=int, default=7, help="blocks per fp32 / bf16 rollout (the error's clip)")
     parser.add_argument("--before-blocks", type=int, default=4, help="blocks of the 'before' rollout")
+    parser.add_argument("--memory-blocks", type=int, default=3, help="blocks of the untimed memory-counting rollouts")
     args = parser.parse_args()
     layers = args.layers or (2 if args.quick else WAN_T2V_1P3B.num_layers)
     sizes = [tuple(int(n) for n in size.split("x")) for size in (args.latents or ("8x8" if args.quick else "8x8,16x16")).split(",")]
@@ -187,30 +212,40 @@ def main():
     summary = None
     for latent_hw in sizes:
         rows = 3 * (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        rates = {"fp32": gemm_rate(cfg, rows, torch.float32), "bf16": gemm_rate(cfg, rows, torch.bfloat16)}
-        rates["before"] = rates["fp32"]
         flops = block_flops(cfg, latent_hw, args.blocks)
-        print(f"\n{latent_hw[0]}x{latent_hw[1]} latents ({rows} query tokens per call); GEMM rate at these shapes: "
-              f"fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+        print(f"\n{latent_hw[0]}x{latent_hw[1]} latents ({rows} query tokens per call)", flush=True)
         results = run_size(variants, cfg, latent_hw, args.blocks, args.before_blocks, prompt)
+        rates = {name: results[name]["gemm"][0][1] / statistics.median(t for t, _ in results[name]["gemm"])
+                 for name in ("fp32", "bf16")}
+        rates["before"] = rates["fp32"]
+        print(f"GEMM rate on the models' own weights, {rows} rows, median of {len(results['fp32']['gemm'])} probes "
+              f"beside the blocks: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s",
+              flush=True)
+        memory = {name: memory_of_rollout(model, cfg, latent_hw, args.memory_blocks, prompt)
+                  for name, model in variants.items()}
         steady = {name: statistics.median(r["times"][1:]) for name, r in results.items()}
         print(f"{'variant':>8} {'first block':>12} {'steady block':>13} {'(wall)':>9} {'GFLOP/s':>8} "
-              f"{'of GEMM rate':>13} {'peak transient MB':>18}")
+              f"{'of GEMM rate':>13} {'weights MB':>11} {'rollout peak MB':>16} {'block transient MB':>19}")
         for name, r in results.items():
             achieved = statistics.median(f / t for f, t in zip(flops[1:len(r['times'])], r["times"][1:]))
+            peak, transient = memory[name]
             print(f"{name:>8} {r['times'][0]:>10.2f} s {steady[name]:>11.2f} s "
                   f"{statistics.median(r['wall'][1:]):>7.2f} s {achieved / 1e9:>8.1f} "
-                  f"{achieved / rates[name]:>12.0%} {max(r['memory']) / 2**20:>18.0f}")
+                  f"{achieved / rates[name]:>12.0%} {weight_gb[name] * 1e3:>11.0f} {peak / 2**20:>16.1f} "
+                  f"{transient / 2**20:>19.1f}")
         fp32 = torch.cat(results["fp32"]["latents"], dim=1)
         bf16 = torch.cat(results["bf16"]["latents"], dim=1)
         before = torch.cat(results["before"]["latents"], dim=1)
         error = ((bf16 - fp32).norm() / fp32.norm()).item()
         speedup, trims = steady["fp32"] / steady["bf16"], steady["before"] / steady["fp32"]
-        print(f"fp32 vs before the trims: {trims:.2f}x faster per steady block, peak transient "
-              f"{max(results['fp32']['memory']) / 2**20:.0f} vs {max(results['before']['memory']) / 2**20:.0f} MB, "
-              f"max |difference| of the latents {(fp32[:, :before.shape[1]] - before).abs().max().item():.1e}")
-        print(f"bf16 vs fp32 ({latent_hw[0]}x{latent_hw[1]}): {speedup:.2f}x faster per steady block, relative error "
-              f"of the {args.blocks}-block rollout's latents {error:.1e}", flush=True)
+        print(f"fp32 vs before the trims: {trims:.2f}x faster per steady block, block transient "
+              f"{memory['fp32'][1] / 2**20:.1f} vs {memory['before'][1] / 2**20:.1f} MB, rollout peak "
+              f"{memory['fp32'][0] / 2**20:.1f} vs {memory['before'][0] / 2**20:.1f} MB, max |difference| of the "
+              f"latents {(fp32[:, :before.shape[1]] - before).abs().max().item():.1e}")
+        print(f"bf16 vs fp32 ({latent_hw[0]}x{latent_hw[1]}): {speedup:.2f}x faster per steady block, block transient "
+              f"{memory['bf16'][1] / 2**20:.1f} vs {memory['fp32'][1] / 2**20:.1f} MB, rollout peak "
+              f"{memory['bf16'][0] / 2**20:.1f} vs {memory['fp32'][0] / 2**20:.1f} MB, relative error of the "
+              f"{args.blocks}-block rollout's latents {error:.1e}", flush=True)
         summary = (speedup, error)
     print(f"bf16 vs fp32: {summary[0]:.2f}x faster per block, relative error {summary[1]:.1e}")
 
