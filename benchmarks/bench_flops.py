@@ -41,7 +41,7 @@ def rollout_flops(cfg: WanConfig, latent_hw, num_blocks: int, window: int | None
     """FLOPs of generating ``num_blocks`` blocks on fake tensors: per block the model calls of the
     rollout (4 denoising steps + 1 clean-context pass) against the KV cache, text embedding included.
     The elementwise x0 / re-noise arithmetic between calls is left out (negligible)."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():  # as generation runs (text projected once)
         model = CausalWanModel(cfg).eval().requires_grad_(False)
         prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
         cache = model.new_kv_cache(*latent_hw, capacity_frames=window or 3 * num_blocks, rolling=window is not None)
@@ -57,7 +57,7 @@ def per_block_flops(cfg: WanConfig, latent_hw, num_blocks: int) -> list[tuple[in
     """(cached, recompute) FLOPs of each block: the KV-cache rollout (4 steps + clean pass) against
     re-running [clean history, current block] block-causally at each of the 4 steps (text
     projections included: once per clip with the cache, every call without)."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():  # as generation runs (text projected once)
         model = CausalWanModel(cfg).eval().requires_grad_(False)
         prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
         cache = model.new_kv_cache(*latent_hw, capacity_frames=3 * num_blocks)

@@ -85,12 +85,13 @@ def call_pattern(family, latent_frames: int, latent_hw) -> Counter:
 
 
 class FixedKeys:
-    """A stand-in cache for counting: every call attends to ``key_frames`` frames of (fake) keys."""
+    """A stand-in cache for counting: every call attends to ``key_frames`` frames of (fake) keys and
+    to the text keys/values ``cross_kv`` (layer -> (k, v)), projected once per clip as the cache does."""
 
     rules = CacheRules()
 
-    def __init__(self, key_frames: int, frame_seqlen: int):
-        self.key_tokens = key_frames * frame_seqlen
+    def __init__(self, key_frames: int, frame_seqlen: int, cross_kv: dict):
+        self.key_tokens, self.cross_kv = key_frames * frame_seqlen, cross_kv
 
     def begin_call(self, start_frame, num_frames):
         self.plan = WritePlan(0, num_frames, 0, num_frames, position=start_frame)
@@ -101,21 +102,26 @@ class FixedKeys:
         return k.new_zeros(shape), v.new_zeros(shape)
 
     def cross(self, layer, project):
-        return project()
+        return self.cross_kv[layer]
 
 
 def flops_per_video_frame(calls: Counter, latent_frames: int, cfg: WanConfig = WAN_T2V_1P3B,
                           latent_hw=(60, 104)) -> float:
-    """Counted FLOPs of the recorded calls at the real size, per output video frame."""
-    total = 0
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    """Counted FLOPs of the recorded calls at the real size, per output video frame: every call,
+    plus the text embedding and cross-attention text projections once per clip (without gradients,
+    as the samplers run)."""
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         model = CausalWanModel(cfg).eval().requires_grad_(False)
         prompt = torch.zeros(1, cfg.text_len, cfg.text_dim)
         frame_seqlen = model.frame_seqlen(*latent_hw)
+        with FlopCounterMode(display=False) as text:
+            context = model.embed_text(prompt)
+            cross_kv = {layer: block.cross_attn.project_context(context) for layer, block in enumerate(model.blocks)}
+        total = text.get_total_flops()
         for (query_frames, key_frames), count in calls.items():
             with FlopCounterMode(display=False) as counter:
                 model(torch.zeros(1, query_frames, cfg.in_dim, *latent_hw), torch.zeros(1, query_frames), prompt,
-                      kv_cache=FixedKeys(key_frames, frame_seqlen), start_frame=0)
+                      kv_cache=FixedKeys(key_frames, frame_seqlen, cross_kv), start_frame=0)
             total += count * counter.get_total_flops()
     return total / video_frames_for(latent_frames)
 
