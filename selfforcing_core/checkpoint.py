@@ -214,8 +214,9 @@ def resolve_dtype(dtype, state_dict: dict, device="cpu") -> torch.dtype:
 def cpu_bf16_matrix_units() -> str | None:
     """The CPU's bf16 matrix instructions ("AMX-BF16" or "AVX512-BF16"), or None without them.
 
-    Read from the CPU's feature flags (torch's own probe, else /proc/cpuinfo), not guessed from the
-    vendor. ``SELFFORCING_CPU_BF16=0`` (or ``1``) overrides the answer, e.g. to keep "auto" at fp32.
+    Read from the CPU's feature flags (/proc/cpuinfo, or torch's cpuid probe where that file is
+    missing or silent), never from the vendor or a timing, so the answer is the same on every run.
+    ``SELFFORCING_CPU_BF16=0`` (or ``1``) overrides the answer, e.g. to keep "auto" at fp32.
     """
     override = os.environ.get("SELFFORCING_CPU_BF16")
     if override is not None:
