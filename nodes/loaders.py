@@ -29,9 +29,11 @@ class LoadSelfForcingModel(io.ComfyNode):
                         "Self-Forcing samplers. Reports the configuration it read off the weights.",
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="A file in models/diffusion_models: the official self_forcing_dmd.pt "
-                                       "(its generator_ema weights are used) or a .safetensors in the Self "
-                                       "Forcing, Wan2.1, ComfyUI or diffusers key layout."),
+                               tooltip="A file in models/diffusion_models: an official training .pt such as "
+                                       "self_forcing_dmd.pt (the entry its family prefers: generator_ema, "
+                                       "generator for Causal Forcing chunk-wise and LongLive; the family comes "
+                                       "from the file name) or a .safetensors in the Self Forcing, Wan2.1, "
+                                       "ComfyUI or diffusers key layout."),
                 io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="Precision of the weights. auto: bf16 on GPUs and on CPUs with bf16 "
                                        "matrix instructions (AMX, AVX512-BF16; about 3x faster there), "
@@ -69,14 +71,16 @@ class LoadSelfForcingModel(io.ComfyNode):
     def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None, lora_mode="merge"):
         target = torch.device("cpu") if device == "cpu" else compute_device()
         options = dataclasses.replace(options or RuntimeOptions(), fp8=fp8)
+        family, described = family_of_file(model_name)  # its checkpoint_keys pick the entry of a training .pt
         model, report = load_with_options(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
                                           options, dtype=weight_dtype, device=target, loras=loras or [],
-                                          unmerged=LORA_MODES[lora_mode])
-        cfg = model.cfg
-        model.family, family = family_of_file(model_name)
-        info = "\n".join([f"{model_name}: layout {model.layout}, {cfg.num_layers} layers, dim {cfg.dim}, "
+                                          unmerged=LORA_MODES[lora_mode], checkpoint_keys=family.checkpoint_keys)
+        cfg, model.family = model.cfg, family
+        entry = (f", entry {model.checkpoint_entry!r} (the family prefers {' over '.join(family.checkpoint_keys)})"
+                 if model.checkpoint_entry else "")
+        info = "\n".join([f"{model_name}: layout {model.layout}{entry}, {cfg.num_layers} layers, dim {cfg.dim}, "
                           f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
-                          f"{model.dtype}, on {target}", f"family: {family}, for the samplers' steps "
+                          f"{model.dtype}, on {target}", f"family: {described}, for the samplers' steps "
                           f"'the model's family (loader)'", *report])
         logging.info("Self-Forcing model loaded:\n%s", info)
         return io.NodeOutput(model, info)

@@ -70,10 +70,16 @@ def check_finite(tensors: dict, source: str) -> dict:
 
 def read_tensors(path: str | Path, entries: tuple[str, ...] = OFFICIAL_ENTRIES) -> dict:
     """Read a ``.safetensors`` or ``.pt``/``.pth`` file (any model's weights) into a flat dict of
-    tensors (CPU), refusing NaN or Inf values.
+    tensors (CPU), refusing NaN or Inf values (``read_checkpoint`` without the entry's name)."""
+    return read_checkpoint(path, entries)[0]
+
+
+def read_checkpoint(path: str | Path, entries: tuple[str, ...] = OFFICIAL_ENTRIES) -> tuple[dict, str | None]:
+    """(flat dict of CPU tensors, name of the training-dict entry it came from or None) of a weights file.
 
     Pickled files are read with ``weights_only=True``; a training dict yields its first entry
-    found in ``entries`` (official checkpoints: ``generator_ema``, else ``generator``, else ``model``).
+    found in ``entries``, in that order (official checkpoints: ``generator_ema``, else
+    ``generator``, else ``model``; a family may prefer another order, ``Family.checkpoint_keys``).
     """
     path = Path(path)
     if not path.is_file():
@@ -84,7 +90,7 @@ def read_tensors(path: str | Path, entries: tuple[str, ...] = OFFICIAL_ENTRIES) 
             tensors = load_file(str(path), device="cpu")
         except Exception as error:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path.name} is not a readable .safetensors file: {error}") from None
-        return check_finite(tensors, path.name)
+        return check_finite(tensors, path.name), None
     if path.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
         raise CheckpointError(f"unsupported checkpoint extension {path.suffix!r} ({path.name}); "
                               "use .safetensors, .pt or .pth")
@@ -94,15 +100,13 @@ def read_tensors(path: str | Path, entries: tuple[str, ...] = OFFICIAL_ENTRIES) 
     except Exception as error:
         raise CheckpointError(f"{path.name} could not be read with torch.load(weights_only=True) "
                               f"(only plain tensor dicts are accepted, never arbitrary pickles): {error}") from None
-    if isinstance(data, dict):
-        for entry in entries:
-            if isinstance(data.get(entry), dict):
-                data = data[entry]
-                break
+    entry = next((name for name in entries if isinstance(data, dict) and isinstance(data.get(name), dict)), None)
+    if entry is not None:
+        data = data[entry]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path.name} does not hold a state dict (expected tensors, or a dict with one of "
                               f"{', '.join(entries)})")
-    return check_finite(data, path.name)
+    return check_finite(data, path.name), entry
 
 
 def detect_layout(state_dict: dict) -> str:
@@ -160,17 +164,22 @@ def verify_state_dict(model: torch.nn.Module, state_dict: dict, layout: str):
 
 def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device="cpu",
                    num_heads: int | None = None, head_dim: int = 128, text_len: int = 512,
-                   fp8: str = "off", fp8_granularity: str = "tensor", compute_device=None) -> CausalWanModel:
+                   fp8: str = "off", fp8_granularity: str = "tensor", compute_device=None,
+                   checkpoint_keys: tuple[str, ...] = OFFICIAL_ENTRIES) -> CausalWanModel:
     """Build a ``CausalWanModel`` from a checkpoint file or state dict in any supported layout.
 
     dtype: "auto" (see ``resolve_dtype``), "fp32", "bf16", "fp16" or a torch dtype: the compute
     dtype, chosen for ``compute_device`` (default: ``device``). fp8: "off", "e4m3fn" or "e5m2"
     stores the block linears in float8 (see ``fp8.py``; FP8 files, e.g. ComfyUI scaled-fp8, are
-    accepted either way).
+    accepted either way). checkpoint_keys: the entries of an official ``.pt`` training dict to
+    try, in order (a family's ``checkpoint_keys``; ``model`` is tried last whatever is given); the
+    one loaded is ``model.checkpoint_entry``.
     The config is inferred from the weights (``WanConfig.from_state_dict``). Tensors of a state
     dict passed in are used as they are (no copy) when dtype and device already match.
     """
-    state_dict = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_tensors(path_or_state_dict)
+    entries = tuple(dict.fromkeys((*checkpoint_keys, "model")))
+    state_dict, entry = ((path_or_state_dict, None) if isinstance(path_or_state_dict, dict)
+                         else read_checkpoint(path_or_state_dict, entries))
     state_dict, layout = to_wan_names(state_dict)
     state_dict, fp8_scales = split_fp8_scales(state_dict)
     try:
@@ -188,7 +197,7 @@ def load_generator(path_or_state_dict, dtype: str | torch.dtype = "auto", device
         load_fp8_weights(model, state_dict, fp8_scales, fp8, fp8_granularity, target)
     else:
         model.load_state_dict({k: v.to(target) for k, v in state_dict.items()}, strict=True, assign=True)
-    model.layout = layout
+    model.layout, model.checkpoint_entry = layout, entry
     return model.to(device).eval().requires_grad_(False)
 
 

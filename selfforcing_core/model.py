@@ -261,7 +261,8 @@ class Head(nn.Module):
 class CausalWanModel(nn.Module):
     """Wan2.1 DiT with block-causal attention, a KV cache and per-frame timestep modulation.
 
-    ``layout`` names the checkpoint layout the weights came from (``checkpoint.load_generator``);
+    ``layout`` names the checkpoint layout the weights came from and ``checkpoint_entry`` the entry
+    of an official training dict they were read from, if any (``checkpoint.load_generator``);
     ``compile_state`` is the ``compile.CompileState`` shared by compiled blocks (None: eager).
     """
 
@@ -269,6 +270,7 @@ class CausalWanModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layout: str | None = None
+        self.checkpoint_entry: str | None = None
         self.compile_state = None
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),

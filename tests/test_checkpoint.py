@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from selfforcing_core.checkpoint import CheckpointError, load_generator
 from selfforcing_core.config import WanConfig
+from selfforcing_core.families import FAMILIES
 from support.tiny import TINY, tiny_model
 
 
@@ -75,6 +76,27 @@ def test_official_training_dict_uses_generator_ema(tmp_path):
     assert_same_weights(load_generator(tmp_path / "self_forcing_dmd.pt", num_heads=2, text_len=16), ema)
     torch.save({"generator": prefixed(other)}, tmp_path / "ode_init.pt")
     assert_same_weights(load_generator(tmp_path / "ode_init.pt", num_heads=2, text_len=16), other)
+
+
+@pytest.mark.parametrize("family,stored,expected", [
+    ("causal_forcing_chunkwise", ("generator", "generator_ema"), "generator"),
+    ("causal_forcing_framewise", ("generator", "generator_ema"), "generator_ema"),
+    ("self_forcing", ("generator", "generator_ema"), "generator_ema"),
+    ("causal_forcing_chunkwise", ("generator_ema",), "generator_ema"),
+    ("causal_forcing_framewise_2step", ("generator",), "generator"),
+])
+def test_loader_takes_the_familys_preferred_entry_of_a_training_dict(tmp_path, family, stored, expected):
+    """Causal Forcing's chunk-wise checkpoint is run from 'generator', the frame-wise ones (and Self
+    Forcing) from 'generator_ema': with both entries in the file the family's first choice loads,
+    with one entry that one does."""
+    weights = {"generator": wan_state_dict(1), "generator_ema": wan_state_dict(2)}
+    training_dict = {name: {f"model.{k}": v for k, v in weights[name].items()} for name in stored}
+    training_dict["critic"] = {f"model.{k}": v for k, v in wan_state_dict(3).items()}
+    torch.save(training_dict, tmp_path / "causal_forcing.pt")
+    model = load_generator(tmp_path / "causal_forcing.pt", num_heads=2, text_len=16,
+                           checkpoint_keys=FAMILIES[family].checkpoint_keys)
+    assert model.checkpoint_entry == expected and model.layout == "official"
+    assert_same_weights(model, weights[expected])
 
 
 def test_shipped_checkpoint_example_picks_generator_ema(fixtures_dir):

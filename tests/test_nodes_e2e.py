@@ -111,6 +111,30 @@ def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
         server.queue_prompt(graph)
 
 
+def test_loader_loads_the_checkpoint_entry_of_the_family_the_file_name_gives(server):
+    """Official training .pt files holding 'generator' and 'generator_ema': causal_forcing.pt (the
+    chunk-wise file's name) loads 'generator', framewise/causal_forcing.pt and self_forcing_dmd.pt
+    load 'generator_ema', and the loader's info says which (test_checkpoint.py checks the weights)."""
+    training_dict = {name: {f"model.{k}": v for k, v in CausalWanModel(HOST_TINY).state_dict().items()}
+                     for name in ("generator", "generator_ema")}
+    for name in ("causal_forcing.pt", "framewise/causal_forcing.pt", "self_forcing_dmd.pt"):
+        path = server.model_dir("diffusion_models") / "entries" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(training_dict, path)
+
+    def loader_info(model_name):
+        graph = {"1": {"class_type": "SelfForcingModelLoader",
+                       "inputs": {"model_name": model_name, "weight_dtype": "fp32", "device": "default"}},
+                 "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+        return server.run(graph, timeout=300)["outputs"]["2"]["text"][0]
+
+    assert "entry 'generator' (the family prefers generator over generator_ema)" in loader_info(
+        "entries/causal_forcing.pt")
+    assert "entry 'generator_ema' (the family prefers generator_ema over generator)" in loader_info(
+        "entries/framewise/causal_forcing.pt")
+    assert "entry 'generator_ema'" in loader_info("entries/self_forcing_dmd.pt")
+
+
 def test_sampler_latent_decodes_with_the_hosts_own_vae_decode(server):
     graph = sampler_graph(length=13, decoder=None, extra={
         "7": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
