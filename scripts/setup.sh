@@ -10,6 +10,9 @@ stamp=.venv/.requirements-$(cat requirements.txt requirements-dev.txt | sha256su
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+    # Development install: `selfforcing_core` and `support` import from this checkout anywhere, so
+    # `python benchmarks/bench_x.py` works as well as `python -m benchmarks.bench_x`.
+    .venv/bin/python -m pip install --quiet --no-deps -e .
     touch "$stamp"
 fi
 .venv/bin/python scripts/setup_host.py || true  # on failure the host tests skip, saying why

@@ -4,6 +4,8 @@ helpers from ``support`` (no sys.path edits outside tests/conftest.py, no test m
 another, the tiny model configs written once)."""
 import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,7 +131,7 @@ def sys_path_edits(source: str) -> list[int]:
 
 
 def test_no_sys_path_edits_outside_the_conftest():
-    """Tests reach the repository through pytest.ini's pythonpath; benchmarks and scripts run as modules."""
+    """Tests reach the repository through pytest.ini's pythonpath; benchmarks and scripts run as modules or by path (the development install)."""
     assert sys_path_edits("import sys\nsys.path[:0] = [root]\nsys.path.insert(0, root)\nsys.path += [root]\n"
                           "print(sys.path[0])\n") == [2, 3, 4]
     edits = [f"{path.relative_to(REPO_ROOT)}:{line}" for path in python_files()
@@ -164,3 +166,13 @@ def test_the_tiny_model_configs_are_written_once():
                 copies += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} is {name}"
                            for name, value in shared.items() if config == value]
     assert copies == []
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (REPO_ROOT / "benchmarks").glob("bench_*.py")))
+def test_benchmarks_run_by_path_from_anywhere(script, tmp_path):
+    """``python benchmarks/bench_x.py`` works as well as ``python -m benchmarks.bench_x`` (the
+    development install of scripts/setup.sh); ``--help`` imports everything the benchmark uses."""
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{script} --help failed (is `pip install -e .` done? scripts/setup.sh does it):\n{run.stderr}"
+    assert "usage:" in run.stdout
