@@ -9,6 +9,7 @@ import selfforcing_core.compile as compile_module
 from selfforcing_core.compile import compile_blocks, compile_failed, compiled_graph_count, compiler_works
 from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, StreamSettings, stream_blocks
+from support.rounding import assert_within_float32_reductions, wan_forward_reductions
 from support.tiny import TINY
 
 PROMPT = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
@@ -46,7 +47,10 @@ def test_compiled_stream_matches_eager_and_stops_recompiling():
     assert graphs_after_block[0] > graphs_before  # really compiled
     # the window is full from block 2 on: every later block reuses the same graphs
     assert graphs_after_block[2:] == [graphs_after_block[2]] * 4
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # compiled kernels reorder reductions: each of the 6 x (4 steps + 1 cache write) model calls in
+    # sequence is one forward's worth of float32 rounding
+    length, depth = wan_forward_reductions(TINY, tokens=(6 + 3) * 4)  # attention over the 6-frame window and the block, 4 tokens a frame
+    assert_within_float32_reductions(compiled, eager, length, depth * 6 * 5)
 
 
 def test_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
