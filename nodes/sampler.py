@@ -40,6 +40,9 @@ PROMPT_SWITCH_CHOICES = {
     "re-cache window, re-write sink": {"switch_recache": "window", "global_sink": False},
     "no re-cache": {"switch_recache": "none"},
 }
+# A Prompt Schedule switch's own re-cache: the sampler's Cache Rules choice, or one for this switch alone.
+SWITCH_RECACHE_CHOICES = {"cache rules (sampler)": {},
+                          **{label: rule for label, rule in PROMPT_SWITCH_CHOICES.items() if label != "preset"}}
 MAX_LENGTH = video_frames_for(max_latent_frames(CacheRules(), None))  # the last frame the RoPE table can place
 
 
@@ -136,8 +139,8 @@ def sampling_arguments(model, positive, width, height, length, seed, steps, kv_w
     preset = PRESETS[steps] or getattr(model, "family", FAMILIES["self_forcing"])
     family = preset.overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps], **window,
                                        **(cache_rules or {}))
-    switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"))
-                for frame, cond in prompt_schedule or []]
+    switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"),
+                             SWITCH_RECACHE_CHOICES[recache]) for frame, cond, recache in prompt_schedule or []]
     settings = family.settings(prompt_switches=switches)
     return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length) if length else 0,
                 latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), family
@@ -290,13 +293,23 @@ class SelfForcingPromptSchedule(io.ComfyNode):
                              tooltip="Video frame from which this prompt applies; rounded down to the "
                                      "start of its 12-frame block."),
                 PromptSchedule.Input("prompt_schedule", optional=True, tooltip="Earlier switches."),
+                io.Combo.Input("prompt_switch", options=list(SWITCH_RECACHE_CHOICES), default="cache rules (sampler)",
+                               optional=True,
+                               tooltip="What this switch re-encodes under its prompt: the sampler's Cache Rules "
+                                       "choice, or one for this switch alone (e.g. no re-cache for a gentle "
+                                       "change, re-cache window for a scene cut). See Self-Forcing Cache Rules."),
             ],
             outputs=[PromptSchedule.Output(display_name="prompt_schedule", tooltip="For the sampler's prompt_schedule input.")],
         )
 
     @classmethod
-    def execute(cls, conditioning, start_frame, prompt_schedule=None):
-        return io.NodeOutput(sorted([*(prompt_schedule or []), (start_frame, conditioning)], key=lambda s: s[0]))
+    def validate_inputs(cls, prompt_switch=None):
+        return check_inputs(cls, dict(prompt_switch=prompt_switch))
+
+    @classmethod
+    def execute(cls, conditioning, start_frame, prompt_schedule=None, prompt_switch="cache rules (sampler)"):
+        switch = (start_frame, conditioning, prompt_switch)
+        return io.NodeOutput(sorted([*(prompt_schedule or []), switch], key=lambda s: s[0]))
 
 
 class StreamingDecode(io.ComfyNode):

@@ -34,7 +34,7 @@ import torch
 from .images import resize_to
 from .model import CausalWanModel
 from .generate import GeneratedVideo, generate_video
-from .rollout import BlockGuide, PromptSwitch, RolloutState, StreamSettings
+from .rollout import BlockGuide, RolloutState, StreamSettings
 from .units import SPATIAL_FACTOR, latent_frame_of, video_frames_for
 
 METHODS = ("guidance", "anchor")
@@ -247,8 +247,7 @@ def generate_keyframed_video(model: CausalWanModel, prompt: torch.Tensor, latent
         raise ValueError(f"the clip is only {video_frames_for(latent_frames)} frames, which the start image's "
                          f"still block fills; make it at least {video_frames_for(start_frames + 1)} frames long")
     start_blocks = 0 if start is None else 1
-    switches = [PromptSwitch(max(0, switch.block - start_blocks), switch.prompt)
-                for switch in settings.prompt_switches]
+    switches = [replace(switch, block=max(0, switch.block - start_blocks)) for switch in settings.prompt_switches]
     return generate_video(model, prompt, latent_frames - start_frames, latent_hw,
                           settings=replace(settings, prefill=start, prompt_switches=switches),
                           guide=KeyframeGuide(keyframes, method, ramp_frames), **generate_kwargs)

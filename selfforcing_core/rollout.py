@@ -14,7 +14,7 @@ Settings travel as one ``StreamSettings`` value; progress travels as one per-blo
 Latents here are the generator's (normalised) latents, layout [B, F, C, H, W] (frames before
 channels); ``latents.py`` converts to what decoders and ComfyUI expect.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Callable, Iterator
 
@@ -110,10 +110,12 @@ def block_plan(latent_frames: int, frames_per_block: int = 3, first_block_frames
 
 @dataclass
 class PromptSwitch:
-    """From block ``block`` on, condition on ``prompt`` ([B, L, text_dim])."""
+    """From block ``block`` on, condition on ``prompt`` ([B, L, text_dim]); ``recache`` changes the
+    stream's re-cache fields of ``CacheRules`` for this switch alone (e.g. ``{"switch_recache": "none"}``)."""
 
     block: int
     prompt: torch.Tensor
+    recache: dict = field(default_factory=dict)  # CacheRules fields: switch_recache, global_sink
 
 
 @dataclass
@@ -212,32 +214,36 @@ def write_clean_context(model: CausalWanModel, clean: torch.Tensor, prompt: torc
     model(clean, t_context, prompt, kv_cache=kv_cache, start_frame=start_frame)
 
 
-def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
+def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0,
+                   recache: dict | None = None):
     """Prompt switch: re-project the new prompt and re-encode the cached clean frames under it,
     by the cache's ``rules.switch_recache`` (``replay_cached_frames``, ``recache_window``, or 'none':
-    the cached frames keep the earlier prompt's keys/values, the next call re-projects the prompt)."""
-    mode = state.kv_cache.rules.switch_recache
+    the cached frames keep the earlier prompt's keys/values, the next call re-projects the prompt).
+    ``recache``: ``switch_recache`` / ``global_sink`` of this switch alone (a ``PromptSwitch``'s)."""
+    rules = replace(state.kv_cache.rules, **(recache or {}))
+    mode = rules.switch_recache
     if mode == "window":
-        recache_window(model, state, context_timestep)
+        recache_window(model, state, context_timestep, rules.global_sink)
     elif mode == "replay":
         replay_cached_frames(model, state, context_timestep)
     else:
         state.kv_cache.invalidate_prompt()
 
 
-def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0):
+def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0,
+                   global_sink: bool | None = None):
     """LongLive's switch re-cache: one call over the last ``min(window, S)`` clean frames (S = frames
     generated so far) under the new prompt, all at once (no causal order among them).
 
-    With ``rules.global_sink`` the sink slots keep the first prompt's keys/values (the call's
-    leading frames that fall there are not stored); without it the cache is zeroed and every slot,
-    the sink included, is re-written.
+    With ``global_sink`` (default: the cache's ``rules.global_sink``) the sink slots keep the first
+    prompt's keys/values (the call's leading frames that fall there are not stored); without it the
+    cache is zeroed and every slot, the sink included, is re-written.
     """
     cache = state.kv_cache
     end = max(state.clean_frames) + 1
     first = end - min(cache.capacity_frames, end)
     clean = torch.stack([state.clean_frames[f] for f in range(first, end)], dim=1)
-    global_sink = cache.rules.global_sink
+    global_sink = cache.rules.global_sink if global_sink is None else global_sink
     cache.invalidate_prompt()
     if not global_sink:
         cache.zero_()
@@ -319,8 +325,8 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
                          f"(the model places at most {limit}); generate at most {limit - prefill_frames} frames, "
                          "or use block-relativistic RoPE (rope 'relative') with a KV window for any length")
     kv_cache.reset()
-    switches = {switch.block: switch.prompt for switch in settings.prompt_switches}
-    state = RolloutState(kv_cache, switches.pop(0, prompt).to(device))
+    switches = {switch.block: switch for switch in settings.prompt_switches}
+    state = RolloutState(kv_cache, (switches.pop(0).prompt if 0 in switches else prompt).to(device))
     kept_frames = kv_cache.capacity_frames + max(frames_per_block, first_block_frames or 0)  # kept for a re-cache
 
     def remember(clean: torch.Tensor, start_frame: int):
@@ -344,10 +350,11 @@ def stream_blocks(model: CausalWanModel, prompt: torch.Tensor, num_blocks: int |
         num_frames = next(generated_sizes)
         live = live_prompt(block) if live_prompt is not None else None
         if live is not None:
-            switches[block] = live
+            switches[block] = PromptSwitch(block, live)
         if block in switches:
-            state.prompt = switches.pop(block).to(device)
-            recache_prompt(model, state, settings.context_timestep)
+            switch = switches.pop(block)
+            state.prompt = switch.prompt.to(device)
+            recache_prompt(model, state, settings.context_timestep, switch.recache)
         shape = (batch_size, num_frames, channels, height, width)
         x = noise.block_noise(block, generated_frames, shape, dtype, device)
         guide.before_block(model, state, start_frame, num_frames)

@@ -159,6 +159,17 @@ def test_prompt_schedule_and_rolling_window_run(server):
     # Frames before the switch (block 0: video frames 0..8 after TAEHV's start-up) are identical.
     assert all((a == b).all() for a, b in zip(switched[:9], plain[:9]))
     assert any((a != b).any() for a, b in zip(switched[13:], plain[13:]))
+    # The switch's own prompt_switch runs as the sampler's Cache Rules choice would, for that switch.
+    graph["4"]["inputs"]["prompt_schedule"] = ["10", 0]
+    graph["10"]["inputs"]["prompt_switch"] = "no re-cache"
+    own = video_frames(saved_video(server, server.run(graph, timeout=300)))
+    graph["10"]["inputs"]["prompt_switch"] = "cache rules (sampler)"
+    graph["11"] = {"class_type": "SelfForcingCacheRules",
+                   "inputs": {"rope": "preset", "sink_protection": "preset", "prompt_switch": "no re-cache"}}
+    graph["4"]["inputs"]["cache_rules"] = ["11", 0]
+    sampler_wide = video_frames(saved_video(server, server.run(graph, timeout=300)))
+    assert all((a == b).all() for a, b in zip(own, sampler_wide))
+    assert any((a != b).any() for a, b in zip(own[13:], switched[13:]))
 
 
 def test_interrupt_stops_the_stream_and_the_next_run_works(server):

@@ -188,6 +188,28 @@ def test_switch_without_recache_keeps_the_cached_frames_and_moves_only_the_cross
                                    rtol=1e-5)
 
 
+def test_a_switch_with_its_own_recache_rule_equals_the_stream_wide_rule():
+    """A PromptSwitch's ``recache`` applies that re-cache to its switch exactly as the stream's
+    CacheRules would; other switches keep the stream's rule."""
+    model, old, new, newer = tiny_model(), tiny_prompt(1), tiny_prompt(2), tiny_prompt(3)
+
+    def frames(cache_rules, switches):
+        settings = StreamSettings(kv_window_frames=6, sink_frames=3, cache_rules=cache_rules, prompt_switches=switches)
+        return torch.cat(list(stream_blocks(model, old, 4, LATENT, noise=seeded(5), settings=settings)), dim=1)
+
+    replayed = frames(CacheRules(), [PromptSwitch(2, new)])
+    for recache in ({"switch_recache": "none"}, {"switch_recache": "window", "global_sink": False}):
+        own = frames(CacheRules(), [PromptSwitch(2, new, recache)])
+        assert torch.equal(own, frames(CacheRules(**recache), [PromptSwitch(2, new)]))
+        assert not torch.equal(own, replayed)
+    # only the switch that names a rule departs from the stream's: the later one replays again
+    mixed = frames(CacheRules(), [PromptSwitch(1, new, {"switch_recache": "none"}), PromptSwitch(3, newer)])
+    none_first = frames(CacheRules(switch_recache="none"),
+                        [PromptSwitch(1, new), PromptSwitch(3, newer, {"switch_recache": "replay"})])
+    assert torch.equal(mixed, none_first)
+    assert not torch.equal(mixed, frames(CacheRules(switch_recache="none"), [PromptSwitch(1, new), PromptSwitch(3, newer)]))
+
+
 def test_a_paused_or_abandoned_stream_leaves_gradient_mode_alone():
     """The stream runs without gradients, but only inside its own steps: between blocks (and after
     an abandoned stream) the caller's gradient mode is untouched."""
