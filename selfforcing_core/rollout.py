@@ -230,12 +230,11 @@ def recache_prompt(model: CausalWanModel, state: RolloutState, context_timestep:
         state.kv_cache.invalidate_prompt()
 
 
-def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float = 0.0,
-                   global_sink: bool | None = None):
+def recache_window(model: CausalWanModel, state: RolloutState, context_timestep: float, global_sink: bool):
     """LongLive's switch re-cache: one call over the last ``min(window, S)`` clean frames (S = frames
     generated so far) under the new prompt, all at once (no causal order among them).
 
-    With ``global_sink`` (default: the cache's ``rules.global_sink``) the sink slots keep the first
+    With ``global_sink`` (``CacheRules.global_sink``, or the switch's own) the sink slots keep the first
     prompt's keys/values (the call's leading frames that fall there are not stored); without it the
     cache is zeroed and every slot, the sink included, is re-written.
     """
@@ -243,7 +242,6 @@ def recache_window(model: CausalWanModel, state: RolloutState, context_timestep:
     end = max(state.clean_frames) + 1
     first = end - min(cache.capacity_frames, end)
     clean = torch.stack([state.clean_frames[f] for f in range(first, end)], dim=1)
-    global_sink = cache.rules.global_sink if global_sink is None else global_sink
     cache.invalidate_prompt()
     if not global_sink:
         cache.zero_()
