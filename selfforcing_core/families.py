@@ -87,8 +87,10 @@ class Family:
         rules = self.cache_rules
         window = (f"KV window {self.kv_window_frames} frames, sink {self.sink_frames}" if self.kv_window_frames
                   else "global KV cache")
-        switch = ("switches replay the cached frames" if rules.switch_recache == "replay" else
-                  f"switches re-cache the window in one call ({'sink kept' if rules.global_sink else 'sink re-written'})")
+        switch = {"replay": "switches replay the cached frames",
+                  "window": f"switches re-cache the window in one call "
+                            f"({'sink kept' if rules.global_sink else 'sink re-written'})",
+                  "none": "switches keep the cached frames (no re-cache)"}[rules.switch_recache]
         return (f"{window}, {rules.rope} RoPE{', sink protected' if rules.protect_sink else ''}, {switch}")
 
 

@@ -59,6 +59,8 @@ def test_overrides_change_only_what_they_name_and_the_description_says_so():
     assert "sink re-written" in family.describe()
     assert FAMILIES["longlive"].overridden(rope="relative", kv_window_frames=12) is FAMILIES["longlive"]
     assert "global KV cache, absolute RoPE, switches replay the cached frames" in FAMILIES["self_forcing"].describe()
+    no_recache = FAMILIES["longlive"].overridden(switch_recache="none").describe()
+    assert "switches keep the cached frames (no re-cache)" in no_recache and "re-cache the window" not in no_recache
 
 
 @pytest.mark.parametrize("file_name, family", [
