@@ -1,5 +1,6 @@
 """Live recording cost: seconds per ``Mp4Recorder.append`` of a block (its own libx264 encoder,
-one thread, then one write + fsync), at the samplers' block sizes (9 frames, then 12).
+one thread, then the write, fsync, commit and fsync), at the samplers' block sizes (9 frames, then
+12), and of its encoding alone.
 
 The frames are a moving colour field with film-grain noise (a stand-in for decoded video: H.264's
 cost grows with the detail it has to keep). Prints the median and the slowest append, the bytes per
@@ -47,18 +48,22 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "record.mp4")
         recorder = Mp4Recorder(path, args.width, args.height, fps=FPS)
-        seconds = []
+        seconds, encoding = [], []
         for block in blocks:
             start = time.perf_counter()
             recorder.append(block)
             seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            recorder.encode_block(block)  # the same block again, encoding alone (in memory)
+            encoding.append(time.perf_counter() - start)
         recorder.close()
         size = os.path.getsize(path)
     later = seconds[1:] or seconds
     print(f"{args.width}x{args.height}, {len(blocks)} blocks ({sum(sizes)} frames), libx264 veryfast crf 18, 1 thread")
     print(f"append per 12-frame block: median {statistics.median(later):.3f} s, slowest {max(later):.3f} s "
           f"({statistics.median(later) / (12 / FPS):.0%} of the block's 0.75 s of video); first block (9 frames) {seconds[0]:.3f} s")
-    print(f"file: {size / sum(sizes) / 1e3:.1f} kB per frame")
+    print(f"of which encoding (in memory, median): {statistics.median(encoding[1:] or encoding):.3f} s; "
+          f"file: {size / sum(sizes) / 1e3:.1f} kB per frame")
 
 
 if __name__ == "__main__":

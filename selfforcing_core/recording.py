@@ -7,18 +7,22 @@
 The file is a fragmented mp4 (ISO BMFF): an init segment (``ftyp`` + ``moov``: the track, its
 timescale and the H.264 parameter sets) followed by one fragment (``moof`` + ``mdat``) per block.
 Every block is encoded by its own libx264 encoder into its own in-memory fragmented mp4, which is
-closed (encoder and muxer flushed) before ``append`` returns; its fragment is then appended to the
-file with one write, flushed and fsynced. So when ``append`` returns, the block is on disk whole
-and the file up to it is playable: a crash loses at most the block being generated. ``close()``
-only closes the file.
+closed (encoder and muxer flushed); its fragment is then appended to the file. So when ``append``
+returns, the block is on disk whole (fsynced) and the file up to it is playable: a crash, even a
+killed process, loses at most the block being generated. ``close()`` only closes the file.
+
+Appending is a two-step commit, so a crash while a block is written leaves a clean file too: the
+fragment is written (and fsynced) with its ``moof`` typed ``free``, a box every reader skips, and
+then made visible by rewriting those 4 bytes to ``moof``. A reader of a file cut anywhere in the
+last block sees the blocks before it and, after them, a skipped box (or a cut-off one at the end).
 
 Joining the blocks: each block's container starts its own timeline (fragment sequence number 1,
 decode time 0; every frame's pts is its index in the block, in time base 1 / fps), and every block
-starts with an IDR frame. The fragments of a later block are
-appended with their ``mfhd`` sequence numbers and ``tfdt`` decode times moved on to continue the
-file's (``default_base_moof`` keeps the sample offsets relative to each ``moof``, so the bytes may
-move). A later block's ``moov`` must equal the first's (same codec parameter sets, timescale and
-track), else its fragments would not decode under the file's init segment: ``append`` refuses it.
+starts with an IDR frame. A later block's fragment is appended with its ``mfhd`` sequence number
+and ``tfdt`` decode time moved on to continue the file's (``default_base_moof`` keeps the sample
+offsets relative to the ``moof``, so the bytes may move). A later block's init segment must equal
+the first's (same codec parameter sets, timescale and track), else its fragment would not decode
+under the file's: ``append`` refuses it.
 """
 import io
 import os
@@ -27,7 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 
-MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # a fragment per keyframe (one per block), offsets from its moof
+MOVFLAGS = "frag_custom+empty_moov+default_base_moof"  # one fragment, written at close; sample offsets from its moof
 
 
 def boxes(data, start: int = 0, end: int | None = None):
@@ -93,7 +97,7 @@ class Mp4Recorder:
         self.file = open(path, "xb")  # exclusive: an existing file is never overwritten
         self.init = None  # the first block's ftyp + moov (the file's init segment)
         self.frame_duration = None  # track time units per frame: the track's timescale / fps
-        self.fragments = 0  # moof boxes written
+        self.blocks = 0  # fragments written (one per block)
         self.frames = 0
 
     def encode_block(self, frames: np.ndarray) -> bytes:
@@ -114,35 +118,35 @@ class Mp4Recorder:
         return buffer.getvalue()
 
     def append(self, frames: np.ndarray):
-        """frames: uint8 [T, H, W, 3] RGB. On disk (fsynced) when this returns."""
+        """frames: uint8 [T, H, W, 3] RGB. On disk (fsynced) and visible to readers when this returns."""
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames [T, {self.height}, {self.width}, 3], got {frames.dtype} {list(frames.shape)}")
         if not len(frames):
             return
         data = self.encode_block(frames)
-        top = [(kind, data[start:end]) for kind, start, _, end in boxes(data)]
-        init = b"".join(box for kind, box in top if kind in ("ftyp", "moov"))
-        chunk = bytearray()
+        found = [(kind, data[start:end]) for kind, start, _, end in boxes(data)]
+        if [kind for kind, _ in found[:4]] != ["ftyp", "moov", "moof", "mdat"]:
+            raise RuntimeError(f"expected ftyp, moov, moof, mdat (one fragment) in the block's mp4, got {[kind for kind, _ in found]}")
+        (_, ftyp), (_, moov), (_, moof), (_, mdat) = found[:4]  # the trailing mfra (an index into these bytes) is dropped
+        init, head = ftyp + moov, b""
         if self.init is None:
             timescale = track_timescale(init)
             if timescale % self.fps:
                 raise ValueError(f"track timescale {timescale} is not a multiple of {self.fps} fps")
-            self.init, self.frame_duration, chunk = init, timescale // self.fps, bytearray(init)
+            self.init, self.frame_duration, head = init, timescale // self.fps, init
         elif init != self.init:
             raise RuntimeError("the block's mp4 init segment (codec parameter sets, timescale or track) differs "
                                "from the first block's: its frames would not decode in this file")
-        fragments = 0
-        for kind, box in top:  # the trailing mfra (an index into this block's own bytes) is dropped
-            if kind == "moof":
-                box = bytearray(box)
-                continue_fragment(box, self.fragments, self.frames * self.frame_duration)
-                fragments += 1
-            if kind in ("moof", "mdat"):
-                chunk += box
-        self.file.write(chunk)
+        moof = bytearray(moof)
+        continue_fragment(moof, self.blocks, self.frames * self.frame_duration)
+        moof[4:8] = b"free"  # hidden from readers until the whole fragment is on disk
+        moof_type = self.file.tell() + len(head) + 4
+        self.file.write(head + moof + mdat)
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.fragments += fragments
+        os.pwrite(self.file.fileno(), b"moof", moof_type)  # commit: one 4-byte write
+        os.fsync(self.file.fileno())
+        self.blocks += 1
         self.frames += len(frames)
 
     def close(self):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -90,18 +91,58 @@ for block in np.split(frames, np.cumsum([int(size) for size in sys.argv[3:]])[:-
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
+# The last block's append dies (SIGKILL) after writing the share argv[3] of its bytes to the file.
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+import numpy as np
+from selfforcing_core.recording import Mp4Recorder
+
+class KilledWhileWriting:
+    def __init__(self, file, share):
+        self.file, self.share = file, share
+    def write(self, data):
+        self.file.write(data[:int(len(data) * self.share)])
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+recorder = Mp4Recorder(sys.argv[1], {width}, {height}, fps={fps})
+frames = np.load(sys.argv[2])
+blocks = np.split(frames, np.cumsum([int(size) for size in sys.argv[4:]])[:-1])
+for block in blocks[:-1]:
+    recorder.append(block)
+recorder.file = KilledWhileWriting(recorder.file, float(sys.argv[3]))
+recorder.append(blocks[-1])
+"""
+
+
+def run_killed(script: str, tmp_path, frames: np.ndarray, *arguments) -> Path:
+    """Run ``script`` with (recording path, frame file, *arguments) in a new process, which must end
+    killed by SIGKILL; returns the recording's path."""
+    frame_file, path = tmp_path / "frames.npy", tmp_path / "record.mp4"
+    np.save(frame_file, frames)
+    script = script.format(width=WIDTH, height=HEIGHT, fps=FPS)
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(frame_file), *map(str, arguments)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return path
+
 
 @pytest.mark.parametrize("appends", [1, 3])
 def test_a_process_killed_right_after_append_leaves_every_appended_frame_in_order_on_the_timeline(tmp_path, appends):
     sizes = BLOCK_FRAMES[:appends]
     frames = stream_frames(sum(sizes))
-    frame_file, path = tmp_path / "frames.npy", tmp_path / "record.mp4"
-    np.save(frame_file, frames)
-    script = KILLED_AFTER_APPENDS.format(width=WIDTH, height=HEIGHT, fps=FPS)
-    result = subprocess.run([sys.executable, "-c", script, str(path), str(frame_file), *map(str, sizes)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr
-    assert_holds_exactly(path, frames)
+    assert_holds_exactly(run_killed(KILLED_AFTER_APPENDS, tmp_path, frames, *sizes), frames)
+
+
+@pytest.mark.parametrize("share", [0.001, 0.05, 0.5, 0.99, 1.0])
+def test_a_process_killed_while_writing_a_block_leaves_a_clean_file_with_the_blocks_before(tmp_path, share):
+    """Cut anywhere in the block's bytes (the moof header, the moof, the mdat, or all of it written
+    but not yet made visible): the file decodes, without an error, to exactly the blocks before."""
+    frames = stream_frames(sum(BLOCK_FRAMES))
+    path = run_killed(KILLED_WHILE_WRITING, tmp_path, frames, share, *BLOCK_FRAMES)
+    assert_holds_exactly(path, frames[:sum(BLOCK_FRAMES[:-1])])
 
 
 def test_closed_recording_holds_every_frame_in_order_on_the_timeline_without_timestamp_warnings(tmp_path):
