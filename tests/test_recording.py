@@ -4,6 +4,7 @@ import contextlib
 import io
 import logging
 import signal
+import struct
 import subprocess
 import sys
 from fractions import Fraction
@@ -13,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from selfforcing_core.recording import Mp4Recorder, boxes, find_box
+from selfforcing_core.recording import Mp4Recorder, boxes, find_box, track_timescale
 from support.comfy_paths import REPO_ROOT
 
 WIDTH, HEIGHT, FPS = 64, 48, 16
@@ -155,8 +156,23 @@ def test_closed_recording_holds_every_frame_in_order_on_the_timeline_without_tim
         recorder.close()
     assert [record.getMessage() for record in warnings] == []
     assert_holds_exactly(path, frames)
-    kinds = [kind for kind, *_ in boxes(path.read_bytes())]
-    assert kinds == ["ftyp", "moov"] + ["moof", "mdat"] * len(BLOCK_FRAMES)  # one fragment per block
+    data = path.read_bytes()
+    assert [kind for kind, *_ in boxes(data)] == ["ftyp", "moov"] + ["moof", "mdat"] * len(BLOCK_FRAMES)
+    moofs = [(payload, end) for kind, _, payload, end in boxes(data) if kind == "moof"]
+    sequence_numbers = [struct.unpack_from(">I", data, find_box(data, "mfhd", *moof)[0] + 4)[0] for moof in moofs]
+    decode_times = [struct.unpack_from(">Q", data, find_box(data, "traf/tfdt", *moof)[0] + 4)[0] for moof in moofs]
+    timescale = track_timescale(data)
+    assert sequence_numbers == [1, 2, 3]  # one fragment per block, numbered on from the first
+    assert [Fraction(time, timescale) for time in decode_times] == [Fraction(first, FPS) for first in (0, 5, 9)]
+
+
+def test_boxes_reads_32_bit_64_bit_and_open_ended_sizes():
+    """ISO BMFF box headers: size 1 takes the 64-bit size after the type, size 0 runs to the end."""
+    data = (struct.pack(">I4s", 12, b"free") + b"abcd" + struct.pack(">I4sQ", 1, b"mdat", 20) + b"wxyz"
+            + struct.pack(">I4s", 0, b"skip") + b"tail")
+    assert list(boxes(data)) == [("free", 0, 8, 12), ("mdat", 12, 28, 32), ("skip", 32, 40, 44)]
+    with pytest.raises(ValueError, match="does not fit"):
+        list(boxes(data[:30]))
 
 
 def test_every_block_has_the_first_blocks_codec_parameters(tmp_path):
