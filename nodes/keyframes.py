@@ -86,7 +86,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
     def execute(cls, start_image=None, end_image=None, end_strength=1.0, keyframes=None, encoder=None,
                 method="guidance", ramp_frames=5, image_fit="crop", clip=None, record=False, lora_strength=1.0,
                 **inputs):
-        arguments, family = sampling_arguments(**inputs)
+        arguments, ran = sampling_arguments(**inputs)
         check_memory(arguments)
         lora = scale_unmerged_loras(inputs["model"], lora_strength)
         images = [(frame, first_image(image), strength) for frame, image, strength in keyframes or []]
@@ -99,7 +99,7 @@ class SelfForcingKeyframeSampler(io.ComfyNode):
                 start_image=None if start_image is None else first_image(start_image), keyframe_images=images,
                 fit=image_fit, method=method, ramp_frames=ramp_frames, live=run.live_for(arguments["settings"]),
                 callback=run.on_block(block_reporter(total_blocks(arguments))))
-        return sampler_output(video, family, run, lora)
+        return sampler_output(video, ran, run, lora)
 
 
 NODES = [SelfForcingKeyframeSampler, SelfForcingKeyframe]

@@ -6,7 +6,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..selfforcing_core.families import family_of_file
+from ..selfforcing_core.families import AUTO_FAMILY, FAMILY_CHOICES, loader_family
 from ..selfforcing_core.fp8 import FP8_FORMATS, GRANULARITIES
 from ..selfforcing_core.codec_loading import load_codec
 from ..selfforcing_core.runtime_options import RuntimeOptions, load_with_options
@@ -31,9 +31,8 @@ class LoadSelfForcingModel(io.ComfyNode):
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="A file in models/diffusion_models: an official training .pt such as "
                                        "self_forcing_dmd.pt (the entry its family prefers: generator_ema, "
-                                       "generator for Causal Forcing chunk-wise and LongLive; the family comes "
-                                       "from the file name) or a .safetensors in the Self Forcing, Wan2.1, "
-                                       "ComfyUI or diffusers key layout."),
+                                       "generator for Causal Forcing chunk-wise and LongLive; see family) or a "
+                                       ".safetensors in the Self Forcing, Wan2.1, ComfyUI or diffusers key layout."),
                 io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="Precision of the weights. auto: bf16 on GPUs and on CPUs with bf16 "
                                        "matrix instructions (AMX, AVX512-BF16; about 3x faster there), "
@@ -55,6 +54,13 @@ class LoadSelfForcingModel(io.ComfyNode):
                                        "change re-loads the model). unmerged: one LoRA (e.g. LongLive's "
                                        "lora.pt) is kept beside the weights; the sampler's lora_strength then "
                                        "changes it without a re-load, at some cost per block (README)."),
+                io.Combo.Input("family", options=list(FAMILY_CHOICES), default=AUTO_FAMILY, optional=True,
+                               tooltip="The checkpoint family this model runs as: the samplers' steps preset "
+                                       "'the model's family (loader)' applies it (block plan, steps, KV window "
+                                       "and sink, cache rules; the samplers' inputs still change them), and it "
+                                       "picks the entry of a training .pt. auto: the family the file name names "
+                                       "(longlive_base.pt: LongLive), Self Forcing if it names none; the weights "
+                                       "cannot tell families apart. info says which family and from where."),
             ],
             outputs=[SelfForcingModel.Output(display_name="model", tooltip="The causal generator, for the Self-Forcing samplers."),
                      io.String.Output(display_name="info", tooltip="What was loaded: configuration, dtype and "
@@ -62,26 +68,28 @@ class LoadSelfForcingModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None, lora_mode=None):
-        return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8, lora_mode=lora_mode),
+    def validate_inputs(cls, model_name=None, weight_dtype=None, device=None, fp8=None, lora_mode=None, family=None):
+        return check_inputs(cls, dict(weight_dtype=weight_dtype, device=device, fp8=fp8, lora_mode=lora_mode,
+                                      family=family),
                             model_name=lambda: model_name is None or resolve_file(f"diffusion_models/{model_name}",
                                                                                      ("diffusion_models",)))
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None, lora_mode="merge"):
+    def execute(cls, model_name, weight_dtype, device, fp8="off", loras=None, options=None, lora_mode="merge",
+                family=AUTO_FAMILY):
         target = torch.device("cpu") if device == "cpu" else compute_device()
         options = dataclasses.replace(options or RuntimeOptions(), fp8=fp8)
-        family, described = family_of_file(model_name)  # its checkpoint_keys pick the entry of a training .pt
+        family, origin = loader_family(family, model_name)  # its checkpoint_keys pick the entry of a training .pt
         model, report = load_with_options(folder_paths.get_full_path_or_raise("diffusion_models", model_name),
                                           options, dtype=weight_dtype, device=target, loras=loras or [],
                                           unmerged=LORA_MODES[lora_mode], checkpoint_keys=family.checkpoint_keys)
-        cfg, model.family = model.cfg, family
+        cfg, model.family, model.family_origin = model.cfg, family, origin
         entry = (f", entry {model.checkpoint_entry!r} (the family prefers {' over '.join(family.checkpoint_keys)})"
                  if model.checkpoint_entry else "")
         info = "\n".join([f"{model_name}: layout {model.layout}{entry}, {cfg.num_layers} layers, dim {cfg.dim}, "
                           f"{cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_dim}, "
-                          f"{model.dtype}, on {target}", f"family: {described}, for the samplers' steps "
-                          f"'the model's family (loader)'", *report])
+                          f"{model.dtype}, on {target}", f"family: {origin}, for the samplers' steps "
+                          f"'the model's family (loader)'", family.describe(), *report])
         logging.info("Self-Forcing model loaded:\n%s", info)
         return io.NodeOutput(model, info)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
 
-from ..selfforcing_core.families import FAMILIES
+from ..selfforcing_core.families import FAMILIES, sampler_family
 from ..selfforcing_core.generate import check_video_fits, generate_video
 from ..selfforcing_core.kv_cache import CacheRules, check_window
 from ..selfforcing_core.latents import comfy_to_generator
@@ -20,7 +20,7 @@ from .live import LiveRun
 
 # Preset label -> checkpoint family: the two Self Forcing step presets first (labels kept for saved
 # workflows), then every other family by name (LongLive, Reward Forcing, Custom among them).
-MODEL_FAMILY = "the model's family (loader)"  # the family the loader found for the file
+MODEL_FAMILY = "the model's family (loader)"  # the loader's family input (by default the file name's)
 PRESETS = {
     MODEL_FAMILY: None,
     "4 steps, shift 5 (paper)": FAMILIES["self_forcing"],
@@ -65,10 +65,12 @@ def sampler_inputs():
                      tooltip="All noise comes from this seed (same result on any device)."),
         io.Combo.Input("steps", options=list(PRESETS), default=DEFAULT_PRESET,
                        tooltip="Preset of the checkpoint family: block plan, step lists, sampler and KV cache "
-                               "rules. The model's family: the one Load Self-Forcing Model found for the file "
-                               "(its info says which; Self Forcing if the name names none). Self Forcing: 4 steps with shift 5 as trained (the official demo used shift "
-                               "8). Causal Forcing frame-wise: 1 latent frame per block (lowest latency), its first "
-                               "block in 4 steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window "
+                               "rules. The model's family: the one chosen in Load Self-Forcing Model (its "
+                               "family input; by default the file name's, Self Forcing if the name names none); "
+                               "a preset named here wins over it, and info says which ran. Self Forcing: 4 steps "
+                               "with shift 5 as trained (the official demo used shift 8). Causal Forcing "
+                               "frame-wise: 1 latent frame per block (lowest latency), its first block in 4 "
+                               "steps, later ones in 4, 2 or 1. Rolling Forcing: a 5-block window "
                                "denoised jointly; a block appears when it leaves the window. LongLive: window 12 "
                                "with sink 3, block-relativistic RoPE (no length limit), one-call re-cache on prompt "
                                "switches. Reward Forcing: window 9 with sink 3. Custom: Self Forcing's sampling with "
@@ -131,19 +133,22 @@ def sampler_outputs():
 def sampling_arguments(model, positive, width, height, length, seed, steps, kv_window_frames, sink_frames,
                        prompt_schedule=None, decoder=None, frames_per_block=0, later_block_steps="preset",
                        cache_rules=None):
-    """Node inputs -> (keyword arguments of ``generate_video``, the family that runs); units are
-    converted here, at the boundary. kv_window_frames 0 keeps the preset's window and sink;
-    ``cache_rules`` (Cache Rules node) changes the preset's ``CacheRules`` fields."""
+    """Node inputs -> (keyword arguments of ``generate_video``, the lines of ``info`` saying what runs:
+    the family and its settings, where the family came from, the prompt switches' rules); units are
+    converted here, at the boundary. The steps preset (or the loader's family) comes first;
+    kv_window_frames 0 keeps its window and sink; ``cache_rules`` (Cache Rules node) changes its
+    ``CacheRules`` fields."""
     latent_hw = latent_size(width, height)
     window = {"kv_window_frames": kv_window_frames, "sink_frames": sink_frames} if kv_window_frames else {}
-    preset = PRESETS[steps] or getattr(model, "family", FAMILIES["self_forcing"])
+    preset, origin = sampler_family(PRESETS[steps], model.family, model.family_origin)
     family = preset.overridden(frames_per_block or None, LATER_BLOCK_STEPS[later_block_steps], **window,
-                                       **(cache_rules or {}))
+                               **(cache_rules or {}))
     switches = [PromptSwitch(family.block_of(latent_frame_of(frame)), prompt_tensor(cond, "scheduled"),
                              SWITCH_RECACHE_CHOICES[recache]) for frame, cond, recache in prompt_schedule or []]
     settings = family.settings(prompt_switches=switches)
+    ran = "\n".join(part for part in (family.describe(), origin, family.describe_switches(switches)) if part)
     return dict(model=model, prompt=prompt_tensor(positive), latent_frames=latent_frames_for(length) if length else 0,
-                latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), family
+                latent_hw=latent_hw, seed=seed, settings=settings, decoder=decoder), ran
 
 
 def total_blocks(arguments: dict) -> int:
@@ -175,26 +180,30 @@ def check_sizes(width=None, height=None, length=None, kv_window_frames=None):
 def check_sampler_inputs(node_cls, width=None, height=None, length=None, steps=None, kv_window_frames=None,
                          sink_frames=None, **combos) -> bool | str:
     """validate_inputs of both samplers: sizes, the window that runs (set, or the preset's) against
-    its sink, and the combos."""
+    its sink, and the combos. The loaded model's family is not known here: with that preset and no
+    window set, the run checks its window (``generate_video``, before any compute)."""
     preset = PRESETS.get(steps)
     window, sink = kv_window_frames, sink_frames or 0
     if not kv_window_frames and preset is not None:
         window, sink = preset.kv_window_frames or 0, preset.sink_frames
+    elif not kv_window_frames and steps == MODEL_FAMILY:
+        window = None
     return check_inputs(node_cls, dict(width=width, height=height, length=length, steps=steps,
                                        kv_window_frames=kv_window_frames, sink_frames=sink_frames, **combos),
                         width=lambda: check_sizes(width, height, length, window),
                         kv_window_frames=lambda: check_window(window, sink))
 
 
-def sampler_output(video, family, run: LiveRun, lora: str = ""):
+def sampler_output(video, ran: str, run: LiveRun, lora: str = ""):
     """LATENT, IMAGE and info outputs; without a decoder the IMAGE is one black frame of the video's
-    size; ``info`` opens with what ran (family, block plan, step lists, cache, unmerged LoRA), then
-    live switches and the stop; the prompt log's name is shown in the node."""
+    size; ``info`` opens with what ran (``ran`` of ``sampling_arguments``: family, block plan, step
+    lists, cache, switches; the unmerged LoRA), then live switches and the stop; the prompt log's
+    name is shown in the node."""
     frames = video.frames
     if frames is None:
         frames = video.latents.new_zeros(1, 1, 3, *pixel_size(video.latents.shape[-2:]))
     prompt_log = run.write_prompt_log(frames.shape[1] if video.frames is not None else 0)
-    info = "\n".join(part for part in (family.describe(), lora, video.report, run.summary(),
+    info = "\n".join(part for part in (ran, lora, video.report, run.summary(),
                                        prompt_log and f"prompt log: {prompt_log}") if part)
     logging.info("Self-Forcing sampler: %s", info)
     return io.NodeOutput(to_latent(video.latents), to_image(frames), info,
@@ -228,13 +237,13 @@ class SelfForcingStreamingSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip=None, record=False, lora_strength=1.0, **inputs):
-        arguments, family = sampling_arguments(**inputs)
+        arguments, ran = sampling_arguments(**inputs)
         check_memory(arguments)
         lora = scale_unmerged_loras(inputs["model"], lora_strength)
         with live_run(clip, record, inputs["width"], inputs["height"], inputs["length"]) as run:
             video = generate_video(**arguments, live=run.live_for(arguments["settings"]),
                                    callback=run.on_block(block_reporter(total_blocks(arguments))))
-        return sampler_output(video, family, run, lora)
+        return sampler_output(video, ran, run, lora)
 
 
 class SelfForcingCacheRules(io.ComfyNode):

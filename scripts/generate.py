@@ -73,7 +73,7 @@ def workflow(prompt: str = DEFAULT_PROMPT, embeddings: str | None = None, width:
         **text,
         "3": {"class_type": "SelfForcingModelLoader",
               "inputs": {"model_name": MODEL_FILES[0][1], "weight_dtype": "auto", "device": "default",
-                         "fp8": "off", "lora_mode": "merge"}},
+                         "fp8": "off", "lora_mode": "merge", "family": "auto (from file name)"}},
         "4": {"class_type": "SelfForcingDecoderLoader",
               "inputs": {"decoder_name": f"vae_approx/{MODEL_FILES[2][1]}", "dtype": "fp32"}},
         "5": {"class_type": "SelfForcingStreamingSampler",

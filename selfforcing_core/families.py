@@ -6,14 +6,17 @@ ones, configured on the unshifted 1000..1 axis and warped by the schedule's shif
 (window, sink, ``CacheRules``: RoPE mode, sink protection, switch re-cache) and the sampler:
 ``blockwise`` (``rollout.stream_blocks``: one block through all its steps, then the next) or
 ``rolling`` (``rolling_forcing.stream_rolling``: a window of blocks denoised jointly at staggered
-noise levels). ``FAMILIES`` is keyed by a short id; ``detect_family`` guesses one from a file name.
+noise levels). ``FAMILIES`` is keyed by a short id; ``detect_family`` guesses one from a file name,
+``loader_family`` takes the loader's choice (that guess by default), ``sampler_family`` the
+sampler's preset over it.
 """
 import re
 from dataclasses import dataclass, replace
 
 from .kv_cache import CacheRules
-from .rollout import StreamSettings, blocks_covering
+from .rollout import PromptSwitch, StreamSettings, block_sizes, blocks_covering
 from .schedule import DEFAULT_STEPS, FlowMatchSchedule
+from .units import video_frames_for
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class Family:
         """Index of the block (counted from the clip's first frame) that holds ``latent_frame``."""
         return blocks_covering(latent_frame + 1, self.frames_per_block, self.first_block_frames) - 1
 
+    def first_video_frame_of(self, block: int) -> int:
+        """The first video frame decoded from ``block`` (its first latent frame L starts at video frame
+        4L - 3, which is ``video_frames_for(L)``; L = 0 at frame 0)."""
+        sizes = block_sizes(self.frames_per_block, self.first_block_frames)
+        return video_frames_for(sum(next(sizes) for _ in range(block)))
+
     def describe(self) -> str:
         """One line for ``info``: what runs."""
         first = "" if self.first_block_steps is None else f"first block {list(self.first_block_steps)}, later "
@@ -87,11 +96,23 @@ class Family:
         rules = self.cache_rules
         window = (f"KV window {self.kv_window_frames} frames, sink {self.sink_frames}" if self.kv_window_frames
                   else "global KV cache")
-        switch = {"replay": "switches replay the cached frames",
-                  "window": f"switches re-cache the window in one call "
-                            f"({'sink kept' if rules.global_sink else 'sink re-written'})",
-                  "none": "switches keep the cached frames (no re-cache)"}[rules.switch_recache]
-        return (f"{window}, {rules.rope} RoPE{', sink protected' if rules.protect_sink else ''}, {switch}")
+        return (f"{window}, {rules.rope} RoPE{', sink protected' if rules.protect_sink else ''}, "
+                f"switches {describe_switch_rule(rules)}")
+
+    def describe_switches(self, switches: list[PromptSwitch]) -> str:
+        """Lines for ``info``: each prompt switch (block, first video frame) and the re-cache rule it ran,
+        its own (Prompt Schedule) or the stream's; empty without switches."""
+        return "\n".join(["prompt switches:"] + [
+            f"- block {switch.block} (video frame {self.first_video_frame_of(switch.block)}), "
+            f"{'its own rule' if switch.recache else 'the stream rule'}: "
+            f"{describe_switch_rule(replace(self.cache_rules, **switch.recache))}" for switch in switches]) if switches else ""
+
+
+def describe_switch_rule(rules: CacheRules) -> str:
+    """What a prompt switch re-encodes under ``rules`` (a verb phrase: 'replay the cached frames')."""
+    return {"replay": "replay the cached frames",
+            "window": f"re-cache the window in one call ({'sink kept' if rules.global_sink else 'sink re-written'})",
+            "none": "keep the cached frames (no re-cache)"}[rules.switch_recache]
 
 
 LONGLIVE_RULES = CacheRules(rope="relative", protect_sink=True, switch_recache="window", global_sink=True)
@@ -159,3 +180,34 @@ def family_of_file(file_name: str) -> tuple[Family, str]:
     if key is None:
         return FAMILIES["self_forcing"], f"Self Forcing (the file name {file_name} names no family)"
     return FAMILIES[key], f"{FAMILIES[key].name} (from the file name {file_name})"
+
+
+AUTO_FAMILY = "auto (from file name)"  # the loader's default choice: ``family_of_file``
+FAMILY_CHOICES = (AUTO_FAMILY, *(family.name for family in FAMILIES.values()))  # the loader's options, in order
+
+
+def loader_family(choice: str, file_name: str) -> tuple[Family, str]:
+    """(the family a loaded checkpoint runs by default, a line for ``info`` saying where it came from).
+
+    ``choice``: ``AUTO_FAMILY`` (the family the file name names, ``family_of_file``) or a family's
+    name, which wins over the file name (the line says what the name suggested).
+    """
+    if choice == AUTO_FAMILY:
+        return family_of_file(file_name)
+    family = next((family for family in FAMILIES.values() if family.name == choice), None)
+    if family is None:
+        raise ValueError(f"family {choice!r} is not one of {', '.join(FAMILY_CHOICES)}")
+    suggested = detect_family(file_name)
+    name = "names no family" if suggested is None else f"suggests {FAMILIES[suggested].name}"
+    return family, f"{family.name} (chosen in the loader; the file name {file_name} {name})"
+
+
+def sampler_family(preset: Family | None, loaded: Family, origin: str) -> tuple[Family, str]:
+    """(the family a sampler runs before its own overrides, a line for ``info`` saying where it came from).
+
+    ``preset``: the sampler's steps preset, None for the model's family; ``loaded``, ``origin``: the
+    ``loader_family`` the model carries.
+    """
+    if preset is None:
+        return loaded, f"family: {origin}, from the loaded model"
+    return preset, f"family: {preset.name}, the sampler's steps preset (over the loaded model's {origin})"

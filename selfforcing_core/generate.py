@@ -37,11 +37,19 @@ def cache_and_call_frames(settings: StreamSettings) -> tuple[int | None, int]:
     return settings.kv_window_frames, settings.frames_per_block
 
 
+def check_endless_has_a_window(latent_frames: int, settings: StreamSettings) -> None:
+    """Refuse latent_frames 0 (until stopped) without a rolling window: the cache would grow forever."""
+    if latent_frames == 0 and not settings.kv_window_frames:
+        raise ValueError("length 0 runs until stopped and needs a rolling KV window: set kv_window_frames "
+                         "(e.g. 21)")
+
+
 def check_video_fits(model, latent_frames: int, latent_hw: tuple[int, int], *, settings: StreamSettings,
                      decoder=None, batch_size: int = 1) -> None:
     """Refuse (``memory.MemoryGuardError``, naming the estimate, the free memory and the fix) a
     ``generate_video`` run that cannot fit, before anything is allocated. latent_frames 0 (until
     stopped) counts the cache's window: the frames kept grow with every block."""
+    check_endless_has_a_window(latent_frames, settings)
     cache_frames, call_frames = cache_and_call_frames(settings)
     check_generation_fits(model, *pixel_size(latent_hw), cache_frames, latent_frames or cache_frames,
                           decoder=decoder, batch_size=batch_size, frames_per_block=settings.frames_per_block,
@@ -83,9 +91,7 @@ def generate_video(model, prompt: torch.Tensor, latent_frames: int, latent_hw: t
     prefill_frames = 0 if prefill is None else prefill.shape[1]
     endless = latent_frames == 0
     if endless:
-        if not settings.kv_window_frames:
-            raise ValueError("length 0 runs until stopped and needs a rolling KV window: set kv_window_frames "
-                             "(e.g. 21)")
+        check_endless_has_a_window(latent_frames, settings)
         reachable = max_latent_frames(settings.cache_rules, settings.kv_window_frames, frames_per_block,
                                       prefill_frames)
         latent_frames = None if reachable is None else reachable - prefill_frames

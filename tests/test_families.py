@@ -84,3 +84,65 @@ def test_a_file_name_without_a_family_loads_as_self_forcing_and_says_so():
     assert family_of_file("longlive_base.pt") == (FAMILIES["longlive"], "LongLive (from the file name longlive_base.pt)")
     assert family_of_file("my_model.safetensors") == (
         FAMILIES["self_forcing"], "Self Forcing (the file name my_model.safetensors names no family)")
+
+
+def test_loader_family_auto_takes_the_file_names_family_and_an_explicit_choice_wins_over_it():
+    from selfforcing_core.families import AUTO_FAMILY, FAMILY_CHOICES, loader_family
+
+    assert FAMILY_CHOICES[0] == AUTO_FAMILY
+    assert FAMILY_CHOICES[1:] == tuple(family.name for family in FAMILIES.values())
+    assert len(set(FAMILY_CHOICES)) == len(FAMILY_CHOICES)  # a name picks one family
+    assert loader_family(AUTO_FAMILY, "longlive_base.pt") == (
+        FAMILIES["longlive"], "LongLive (from the file name longlive_base.pt)")
+    assert loader_family(AUTO_FAMILY, "my_model.safetensors")[0] is FAMILIES["self_forcing"]
+    assert loader_family("Reward Forcing", "longlive_base.pt") == (
+        FAMILIES["reward_forcing"], "Reward Forcing (chosen in the loader; the file name longlive_base.pt "
+                                    "suggests LongLive)")
+    assert loader_family("LongLive", "my_model.safetensors") == (
+        FAMILIES["longlive"], "LongLive (chosen in the loader; the file name my_model.safetensors names no family)")
+    for key, family in FAMILIES.items():
+        assert loader_family(family.name, "self_forcing_dmd.pt")[0] is family, key
+    with pytest.raises(ValueError, match="family 'Long Live' is not one of auto \\(from file name\\), Self Forcing"):
+        loader_family("Long Live", "longlive_base.pt")
+
+
+def test_the_samplers_preset_overrides_the_loaded_family_and_says_over_which():
+    from selfforcing_core.families import sampler_family
+
+    loaded = FAMILIES["longlive"], "LongLive (chosen in the loader; the file name x.pt names no family)"
+    assert sampler_family(None, *loaded) == (
+        FAMILIES["longlive"], "family: LongLive (chosen in the loader; the file name x.pt names no family), "
+                              "from the loaded model")
+    family, origin = sampler_family(FAMILIES["self_forcing"], *loaded)
+    assert family is FAMILIES["self_forcing"]
+    assert origin == ("family: Self Forcing, the sampler's steps preset (over the loaded model's LongLive "
+                      "(chosen in the loader; the file name x.pt names no family))")
+
+
+@pytest.mark.parametrize("key", ["self_forcing", "self_forcing_first_frame", "causal_forcing_framewise"])
+def test_a_blocks_first_video_frame_is_the_first_frame_the_block_holds(key):
+    from selfforcing_core.units import latent_frame_of
+
+    family = FAMILIES[key]
+    assert family.first_video_frame_of(0) == 0
+    for block in range(1, 12):
+        first = family.first_video_frame_of(block)
+        assert family.block_of(latent_frame_of(first)) == block
+        assert family.block_of(latent_frame_of(first - 1)) == block - 1
+
+
+def test_switch_lines_name_each_switchs_block_frame_and_the_rule_it_ran():
+    """A switch with its own re-cache (Prompt Schedule's prompt_switch) is described by that rule,
+    the others by the stream's; no switch, no line."""
+    prompt = torch.zeros(1, 4, 8)
+    family = FAMILIES["longlive"]
+    switches = [PromptSwitch(13, prompt), PromptSwitch(27, prompt, {"switch_recache": "none"}),
+                PromptSwitch(40, prompt, {"switch_recache": "window", "global_sink": False})]
+    assert family.describe_switches(switches) == (
+        "prompt switches:\n"
+        "- block 13 (video frame 153), the stream rule: re-cache the window in one call (sink kept)\n"
+        "- block 27 (video frame 321), its own rule: keep the cached frames (no re-cache)\n"
+        "- block 40 (video frame 477), its own rule: re-cache the window in one call (sink re-written)")
+    assert "block 2 (video frame 21), the stream rule: replay the cached frames" in (
+        FAMILIES["self_forcing"].describe_switches([PromptSwitch(2, prompt)]))
+    assert family.describe_switches([]) == ""

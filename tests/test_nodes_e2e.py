@@ -101,6 +101,37 @@ def test_the_model_family_preset_runs_what_the_loader_found_in_the_file_name(ser
         assert f"family: {family[:-2]} (" in str(entry["outputs"]["7"]), entry["outputs"]["7"]
 
 
+def test_the_loaders_family_choice_runs_in_the_model_family_preset_and_info_says_where_it_came_from(server):
+    """sf_tiny.safetensors names no family (auto: Self Forcing). Chosen as LongLive in the loader, the
+    model's-family preset runs exactly the LongLive preset (window 12 evicts in 16 latent frames, so
+    the video differs from Self Forcing's), both infos say it was chosen; a preset named in the
+    sampler wins over the loader's family and says over which."""
+    def run(family, steps):
+        graph = sampler_graph(length=61, extra={"7": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}})
+        graph["1"]["inputs"]["family"] = family
+        graph["4"]["inputs"]["steps"] = steps
+        entry = server.run(graph, timeout=300)
+        return (video_frames(saved_video(server, entry)), entry["outputs"]["4"]["selfforcing_live"][0]["info"],
+                str(entry["outputs"].get("7")))  # a loader the server has cached shows no PreviewAny output
+
+    chosen = "LongLive (chosen in the loader; the file name sf_tiny.safetensors names no family)"
+    frames, info, loader_info = run("LongLive", "the model's family (loader)")
+    assert info.startswith("LongLive: 3 latent frames per block"), info
+    assert f"family: {chosen}, from the loaded model" in info, info
+    assert f"family: {chosen}, for the samplers' steps" in loader_info, loader_info
+    assert "KV window 12 frames, sink 3, relative RoPE, sink protected" in loader_info, loader_info
+    preset_frames, preset_info, _ = run("auto (from file name)", "LongLive")
+    assert all((a == b).all() for a, b in zip(frames, preset_frames))
+    assert ("family: LongLive, the sampler's steps preset (over the loaded model's Self Forcing (the file name "
+            "sf_tiny.safetensors names no family))") in preset_info, preset_info
+    auto_frames, auto_info, _ = run("auto (from file name)", "the model's family (loader)")
+    assert auto_info.startswith("Self Forcing: ") and "global KV cache" in auto_info, auto_info
+    assert any((a != b).any() for a, b in zip(frames, auto_frames))
+    _, overridden_info, _ = run("LongLive", "4 steps, shift 5 (paper)")
+    assert overridden_info.startswith("Self Forcing: "), overridden_info
+    assert f"the sampler's steps preset (over the loaded model's {chosen})" in overridden_info, overridden_info
+
+
 def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
     graph = sampler_graph(length=0)
     graph["4"]["inputs"].update(steps="Custom")
@@ -109,6 +140,10 @@ def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
     graph["4"]["inputs"].update(steps="LongLive", kv_window_frames=5, sink_frames=3)
     with pytest.raises(PromptValidationError, match="kv_window_frames 5 with sink_frames 3 leaves no room"):
         server.queue_prompt(graph)
+    # The model's family is known only when the loader has run: its window is checked then, before compute.
+    graph["4"]["inputs"].update(steps="the model's family (loader)", kv_window_frames=0, sink_frames=0)
+    with pytest.raises(PromptExecutionError, match="length 0 runs until stopped and needs a rolling KV window"):
+        server.run(graph, timeout=300)
 
 
 def test_loader_loads_the_checkpoint_entry_of_the_family_the_file_name_gives(server):
@@ -162,12 +197,20 @@ def test_prompt_schedule_and_rolling_window_run(server):
     # The switch's own prompt_switch runs as the sampler's Cache Rules choice would, for that switch.
     graph["4"]["inputs"]["prompt_schedule"] = ["10", 0]
     graph["10"]["inputs"]["prompt_switch"] = "no re-cache"
-    own = video_frames(saved_video(server, server.run(graph, timeout=300)))
+    entry = server.run(graph, timeout=300)
+    own = video_frames(saved_video(server, entry))
+    # info names the switch (start_frame 13 -> block 1, from video frame 9) and the rule it ran.
+    info = entry["outputs"]["4"]["selfforcing_live"][0]["info"]
+    assert "replay the cached frames" in info.splitlines()[0], info  # the stream's rule ...
+    assert "prompt switches:\n- block 1 (video frame 9), its own rule: keep the cached frames (no re-cache)" in info
     graph["10"]["inputs"]["prompt_switch"] = "cache rules (sampler)"
     graph["11"] = {"class_type": "SelfForcingCacheRules",
                    "inputs": {"rope": "preset", "sink_protection": "preset", "prompt_switch": "no re-cache"}}
     graph["4"]["inputs"]["cache_rules"] = ["11", 0]
-    sampler_wide = video_frames(saved_video(server, server.run(graph, timeout=300)))
+    entry = server.run(graph, timeout=300)
+    sampler_wide = video_frames(saved_video(server, entry))
+    assert ("- block 1 (video frame 9), the stream rule: keep the cached frames (no re-cache)"
+            in entry["outputs"]["4"]["selfforcing_live"][0]["info"])
     assert all((a == b).all() for a, b in zip(own, sampler_wide))
     assert any((a != b).any() for a, b in zip(own[13:], switched[13:]))
 
