@@ -146,10 +146,11 @@ def test_until_stop_needs_a_window_of_its_own_or_of_the_preset(server):
         server.run(graph, timeout=300)
 
 
-def test_loader_loads_the_checkpoint_entry_of_the_family_the_file_name_gives(server):
+def test_loader_loads_the_checkpoint_entry_its_family_prefers(server):
     """Official training .pt files holding 'generator' and 'generator_ema': causal_forcing.pt (the
     chunk-wise file's name) loads 'generator', framewise/causal_forcing.pt and self_forcing_dmd.pt
-    load 'generator_ema', and the loader's info says which (test_checkpoint.py checks the weights)."""
+    load 'generator_ema' (but 'generator' with LongLive chosen in the loader), and the loader's info
+    says which (test_checkpoint.py checks the weights)."""
     training_dict = {name: {f"model.{k}": v for k, v in CausalWanModel(HOST_TINY).state_dict().items()}
                      for name in ("generator", "generator_ema")}
     for name in ("causal_forcing.pt", "framewise/causal_forcing.pt", "self_forcing_dmd.pt"):
@@ -157,9 +158,10 @@ def test_loader_loads_the_checkpoint_entry_of_the_family_the_file_name_gives(ser
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(training_dict, path)
 
-    def loader_info(model_name):
+    def loader_info(model_name, family="auto (from file name)"):
         graph = {"1": {"class_type": "SelfForcingModelLoader",
-                       "inputs": {"model_name": model_name, "weight_dtype": "fp32", "device": "default"}},
+                       "inputs": {"model_name": model_name, "weight_dtype": "fp32", "device": "default",
+                                  "family": family}},
                  "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
         return server.run(graph, timeout=300)["outputs"]["2"]["text"][0]
 
@@ -168,6 +170,9 @@ def test_loader_loads_the_checkpoint_entry_of_the_family_the_file_name_gives(ser
     assert "entry 'generator_ema' (the family prefers generator_ema over generator)" in loader_info(
         "entries/framewise/causal_forcing.pt")
     assert "entry 'generator_ema'" in loader_info("entries/self_forcing_dmd.pt")
+    # A family chosen in the loader picks the entry, over the file name's.
+    assert "entry 'generator' (the family prefers generator over generator_ema)" in loader_info(
+        "entries/self_forcing_dmd.pt", "LongLive")
 
 
 def test_sampler_latent_decodes_with_the_hosts_own_vae_decode(server):
