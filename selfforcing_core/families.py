@@ -102,10 +102,12 @@ class Family:
     def describe_switches(self, switches: list[PromptSwitch]) -> str:
         """Lines for ``info``: each prompt switch (block, first video frame) and the re-cache rule it ran,
         its own (Prompt Schedule) or the stream's; empty without switches."""
+        if not switches:
+            return ""
         return "\n".join(["prompt switches:"] + [
             f"- block {switch.block} (video frame {self.first_video_frame_of(switch.block)}), "
             f"{'its own rule' if switch.recache else 'the stream rule'}: "
-            f"{describe_switch_rule(replace(self.cache_rules, **switch.recache))}" for switch in switches]) if switches else ""
+            f"{describe_switch_rule(replace(self.cache_rules, **switch.recache))}" for switch in switches])
 
 
 def describe_switch_rule(rules: CacheRules) -> str:
