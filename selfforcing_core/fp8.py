@@ -20,9 +20,9 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import SelfForcingError
+from .linear import linear
 
 FP8_FORMATS = ("e4m3fn", "e5m2")
 GRANULARITIES = ("tensor", "channel")
@@ -125,7 +125,7 @@ class FP8Linear(nn.Module):
         if self.matmul == "scaled_mm":
             return self.scaled_mm(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantised(x.dtype), bias)
+        return linear(x, self.dequantised(x.dtype), bias)
 
     def scaled_mm(self, x):
         """FP8 x FP8 matmul: activations get one dynamic per-tensor e4m3fn scale per call."""

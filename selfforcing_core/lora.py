@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .atomic import save_safetensors
 from .checkpoint import CheckpointError
+from .linear import linear
 from .lora_files import LoRAFile, read_lora, read_lora_file
 
 DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -68,8 +69,8 @@ class LoRALinear(nn.Module):
         if name is None or self.strength[name] == 0:
             return out
         down, up = self.down[name], self.up[name]
-        low = nn.functional.linear(x.to(down.dtype), down)
-        return out + (nn.functional.linear(low, up) * self.scale(name)).to(out.dtype)
+        low = linear(x.to(down.dtype), down)
+        return out + (linear(low, up) * self.scale(name)).to(out.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The adapter as a dense weight update [out_features, in_features] (float32)."""

@@ -9,8 +9,8 @@
 Tensors: latents [B, F, C, H, W] (frames before channels, the layout of every caller; the
 patch embedding sees Wan's [B, C, F, H, W] inside ``forward``), timesteps [B, F] (one per latent
 frame), prompt embeddings [B, L <= text_len, text_dim]. Parameter names equal the
-original Wan2.1 / ComfyUI names, so those state dicts load unchanged. All ``nn.Linear`` layers
-are plain attributes and can be swapped (FP8, LoRA) without touching this file.
+original Wan2.1 / ComfyUI names, so those state dicts load unchanged. All linear layers (``nn.Linear``
+on ``linear.py``'s kernel) are plain attributes and can be swapped (FP8, LoRA) without touching this file.
 """
 import math
 from functools import partial
@@ -23,6 +23,7 @@ from einops import rearrange
 
 from .config import WanConfig
 from .kv_cache import CacheRules, KVCache
+from .linear import Linear
 
 ROPE_MAX_FRAMES = 1024  # length of the RoPE tables: positions 0..1023 per axis
 
@@ -146,7 +147,7 @@ class Projections(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
@@ -208,8 +209,8 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
     def wrap_forward(self, kind: str, wrapper: Callable | None):
@@ -249,7 +250,7 @@ class Head(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.head = Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
 
     def forward(self, x, e, frames):
@@ -273,10 +274,10 @@ class CausalWanModel(nn.Module):
         self.checkpoint_entry: str | None = None
         self.compile_state = None
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(cfg.dim, cfg.dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.rope = RopeTable(cfg.head_dim)  # plain attribute, not a buffer: not in state dicts

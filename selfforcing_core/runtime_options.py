@@ -9,9 +9,12 @@ device), then the FP8 compute path for that device, then compilation. ``report``
 """
 from dataclasses import dataclass
 
+import torch
+
 from .checkpoint import describe_auto_dtype, load_generator
 from .compile import compile_blocks
 from .fp8 import FP8_FORMATS, GRANULARITIES, choose_fp8_matmul
+from .linear import describe_cpu_kernel
 from .lora import attach_lora, merge_lora
 from .offload import offload_blocks
 
@@ -53,6 +56,7 @@ def load_with_options(path_or_state_dict, options: RuntimeOptions = RuntimeOptio
     report += [f"LoRA {index + 1}: {merge_lora(model, source, strength)} layers merged at strength {strength}"
                for index, (source, strength) in enumerate(loras) if not unmerged]
     report += [offload_blocks(model, options.offload_blocks, device), choose_fp8_matmul(model, device)]
+    report += [describe_cpu_kernel()] if torch.device(device).type == "cpu" else []
     if options.compile:
         report.append(compile_blocks(model, device))
     return model, report

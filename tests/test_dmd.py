@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from selfforcing_core import dmd
+from selfforcing_core.linear import cpu_kernel
 from selfforcing_core.lora import active_adapter, adapter_parameters, inject_lora
 from selfforcing_core.model import CausalWanModel
 from selfforcing_core.rollout import NoiseSource, StreamSettings, sample_video
@@ -84,7 +85,9 @@ def test_cached_context_is_detached_from_earlier_blocks():
         params = list(adapter_parameters(model, dmd.GENERATOR).values())
         return torch.autograd.grad(x[:, 3:].square().sum(), params)
 
-    for ours, reference in zip(block1_grads(False), block1_grads(True)):
+    with cpu_kernel("blas"):  # one linear kernel with and without gradients: only the graphs may differ
+        pairs = list(zip(block1_grads(False), block1_grads(True)))
+    for ours, reference in pairs:
         torch.testing.assert_close(ours, reference, atol=0, rtol=0)  # the same block-1 graph either way
 
 

@@ -129,15 +129,18 @@ def test_bf16_rollout_keeps_norms_in_float32_and_runs_linears_in_bf16():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name in ("native_layer_norm", "rsqrt", "addmm", "_scaled_dot_product_flash_attention_for_cpu"):
-                self.seen.setdefault(name, set()).add(args[0].dtype if name != "addmm" else args[1].dtype)
+            if name in ("native_layer_norm", "rsqrt", "_scaled_dot_product_flash_attention_for_cpu"):
+                self.seen.setdefault(name, set()).add(args[0].dtype)
+            if name in ("addmm", "_linear_pointwise"):  # the BLAS and the oneDNN linear (linear.py)
+                self.seen.setdefault("linear", set()).update((args[1].dtype, args[2].dtype) if name == "addmm"
+                                                             else (args[0].dtype, args[1].dtype))
             return func(*args, **(kwargs or {}))
 
     with OpDtypes() as mode:
         sample_video(model, prompt, 1, (16, 4, 4), noise=NoiseSource(torch.Generator().manual_seed(0)))
     assert mode.seen["native_layer_norm"] == {torch.float32}
     assert mode.seen["rsqrt"] == {torch.float32}  # rms_norm, decomposed under a dispatch mode
-    assert mode.seen["addmm"] == {torch.bfloat16}
+    assert mode.seen["linear"] == {torch.bfloat16}
     # the CPU attention kernel takes bf16 q, k, v and runs its softmax in float32
     assert mode.seen["_scaled_dot_product_flash_attention_for_cpu"] == {torch.bfloat16}
 
