@@ -13,8 +13,11 @@ repository root:
   (same seed and prompt), so machine noise hits both alike. Per block: "dedicated" seconds (the
   process's CPU seconds over its thread count: the wall time on idle cores; wall seconds are
   printed beside them) and resident memory after the block. Flatness: the median of the first
-  and of the last ``--window`` blocks (the first block, with the text projection, left out).
-  An absolute stream ends at 1023 latent frames (341 blocks), so ``--blocks`` stays below that.
+  and of the last ``--window`` blocks (the first block, with the text projection, left out);
+  and, since the machine's speed drifts over minutes, the same in one stretch of time: each long
+  stream's next ``--window`` blocks in turn with a fresh stream of its rules (its blocks 2 on).
+  An absolute stream ends at 1023 latent frames (341 blocks), so ``--blocks`` + ``--window``
+  stays below that.
 * Switch re-cache: LongLive's one call over the window under a new prompt, timed on the relative
   stream's state after the run (median of 5), against that stream's median block.
 * LoRA: a random rank-``--rank`` LoRA on every linear of the blocks (LongLive's is rank 256),
@@ -26,6 +29,7 @@ import copy
 import resource
 import statistics
 import time
+from itertools import islice
 
 import torch
 
@@ -108,10 +112,11 @@ def main():
           f"{torch.get_num_threads()} threads; weights {rss_mib():.0f} MiB resident")
     print(f"relative: {relative.describe_cache()}\nabsolute: {absolute.describe_cache()}")
 
-    states = []
-    times = in_turn({"relative": stream(model, relative, prompt, args.blocks, latent_hw, states),
-                     "absolute": stream(model, absolute, prompt, args.blocks, latent_hw)})
-    w = args.window
+    states, w = [], args.window
+    families = {"relative": relative, "absolute": absolute}
+    long_streams = {"relative": stream(model, relative, prompt, args.blocks + w, latent_hw, states),
+                    "absolute": stream(model, absolute, prompt, args.blocks + w, latent_hw)}
+    times = in_turn({name: islice(blocks, args.blocks) for name, blocks in long_streams.items()})
     print(f"\nper block over {args.blocks} blocks (dedicated s; wall s; resident MiB after the block):")
     print(f"{'RoPE':10}{'first ' + str(w):>14}{'last ' + str(w):>14}{'last/first':>12}{'median wall':>13}"
           f"{'MiB @' + str(w):>10}{'MiB end':>10}")
@@ -121,6 +126,12 @@ def main():
               f"{rows[w][2]:10.0f}{rows[-1][2]:10.0f}")
     ratio = median(times["relative"][1:]) / median(times["absolute"][1:])
     print(f"relative / absolute per block (median of blocks 2..{args.blocks}): {ratio:.3f}x")
+    same_time = in_turn({**long_streams, **{f"{name} fresh": stream(model, family, prompt, w + 1, latent_hw)
+                                           for name, family in families.items()}})
+    for name in families:
+        late, fresh = median(same_time[name]), median(same_time[f"{name} fresh"][1:])
+        print(f"{name}: blocks {args.blocks + 1}..{args.blocks + w} against a fresh stream's blocks 2..{w + 1}, "
+              f"in turn: {late:.4f} s vs {fresh:.4f} s, {late / fresh:.3f}x")
 
     state, block = states[-1], median(times["relative"][1:])
     recache = []
