@@ -6,8 +6,10 @@ alternate, in one process, between
   * player: queued by the host's frontend in headless Chromium, whose sampler node shows the live
     player (every block JPEG-encoded on the worker thread, sent over the websocket, drawn), and
   * no player: the same prompt queued over HTTP without a client (nothing encoded or sent);
-each run has a new seed. Per-block time = the run's generation seconds (the sampler's info) /
-blocks; the first run of each kind is a warm-up. The delay is measured in the browser: the
+each run has a new seed, and the kinds take turns going first. Per-block time = the run's
+generation seconds (the sampler's info) / blocks; the first run of each kind is a warm-up. Printed:
+the ratio of the kinds' medians and the median of each run's own ratio (its two prompts ran back
+to back, so slow drifts of the machine cancel). The delay is measured in the browser: the
 browser's clock at the draw of a block's first frame minus the server's clock at the block's end
 (same machine).
 
@@ -94,7 +96,7 @@ def main():
         with Frontend(server) as frontend:
             node = frontend.page.evaluate(PLAYER_GRAPH_JS)
             for run in range(args.runs + 1):
-                for kind in times:
+                for kind in list(times) if run % 2 else list(times)[::-1]:  # each kind first in every other run
                     prompt = graph(args, 1000 * run + len(kind), node)
                     if kind == "player":
                         prompt_id = frontend.page.evaluate(QUEUE_JS, [prompt, node])
@@ -118,6 +120,10 @@ def main():
               f"TAEHV, {args.runs} runs of each kind")
         print(f"per-block generation time, median: player {player:.3f} s, no player {plain:.3f} s, "
               f"ratio {player / plain:.3f} ({100 * (player / plain - 1):+.1f} %)")
+        pairs = sorted(p / q for p, q in zip(times["player"], times["no player"]))
+        print(f"per-run ratio, player / no player of the same run (adjacent in time): median "
+              f"{statistics.median(pairs):.3f} ({100 * (statistics.median(pairs) - 1):+.1f} %), range "
+              f"{pairs[0]:.3f}-{pairs[-1]:.3f} over {len(pairs)} runs")
         if delays:
             ordered = sorted(delays)
             p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
