@@ -11,9 +11,10 @@ summation order, so they differ from BLAS by rounding only.
     layer = Linear(in_features, out_features)   # nn.Linear (same parameters, same names) using it
 
 oneDNN is used for plain CPU tensors of float32 or bfloat16 (one dtype for x, weight and bias)
-when no gradient is being recorded, since it has no backward; training, other devices and dtypes,
-tensor subclasses (fake tensors of FLOP counting, for instance) and ``torch.compile`` graphs (the
-compiler takes this op only with constant weights) get ``F.linear``. Set
+when no gradient is being recorded, since it has no backward; training, other devices and dtypes
+and tensor subclasses (fake tensors of FLOP counting, for instance) get ``F.linear``. The oneDNN
+call is the custom op ``selfforcing::onednn_linear``, so ``torch.compile`` graphs call it as it is
+(the compiler's own lowering of oneDNN's op takes only constant weights). Set
 ``SELFFORCING_CPU_LINEAR=blas`` to use torch's BLAS path everywhere; ``cpu_kernel`` switches it
 for a block of code.
 """
@@ -65,16 +66,26 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Whether ``linear`` sends these tensors to oneDNN (see the module docstring)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (cpu_kernel_name == "onednn" and ONEDNN_AVAILABLE and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
             and x.dtype in ONEDNN_DTYPES and all(t.dtype == x.dtype for t in tensors)
             and all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
+@torch.library.custom_op("selfforcing::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's ``x @ weight.T + bias`` (CPU, no backward). Shapes as ``linear``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def onednn_linear_shape(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``. x: [..., in]; weight: [out, in]; bias: [out] or None -> [..., out]."""
     if uses_onednn(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -54,10 +54,10 @@ def test_inference_uses_onednn_and_both_kernels_compute_the_product(dtype):
     with torch.no_grad():
         with OpNames() as ops:
             y = linear(x, weight, bias)
-        assert "_linear_pointwise" in ops.names and not ops.names & {"addmm", "mm"}
+        assert "onednn_linear" in ops.names and not ops.names & {"addmm", "mm"}
         with cpu_kernel("blas"), OpNames() as ops:
             y_blas = linear(x, weight, bias)
-        assert "_linear_pointwise" not in ops.names
+        assert "onednn_linear" not in ops.names
     assert y.shape == y_blas.shape == (2, 7, 40) and y.dtype == y_blas.dtype == dtype
     assert_is_the_product(y, x, weight, bias)
     assert_is_the_product(y_blas, x, weight, bias)
@@ -79,7 +79,7 @@ def test_gradients_run_f_linear_exactly():
     reference.load_state_dict({"weight": weight, "bias": bias})
     with OpNames() as ops:
         y = layer(x)
-    assert "_linear_pointwise" not in ops.names
+    assert "onednn_linear" not in ops.names
     assert torch.equal(y, reference(x))
     grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
     expected = torch.autograd.grad(reference(x).square().sum(), list(reference.parameters()))
@@ -91,7 +91,7 @@ def test_other_dtypes_and_fake_tensors_fall_back_to_f_linear():
     x, weight, bias = operands(torch.float64)
     with torch.no_grad(), OpNames() as ops:
         assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))  # oneDNN has no float64
-    assert "_linear_pointwise" not in ops.names
+    assert "onednn_linear" not in ops.names
     x, weight, bias = operands(torch.float32)
     with torch.no_grad(), FlopCounterMode(display=False) as flops:  # real tensors: oneDNN, not counted
         linear(x, weight, bias)
@@ -109,3 +109,17 @@ def test_linear_module_keeps_nn_linear_names_and_kernel_choice_is_checked():
         with cpu_kernel("mkl"):
             pass
     assert linear_module.cpu_kernel_name in linear_module.KERNELS
+
+
+@needs_onednn
+def test_compiled_graphs_call_the_onednn_op_and_match_eager_exactly():
+    from selfforcing_core.compile import compiler_works
+    if compiler_works("cpu") is not None:
+        pytest.skip(f"torch.compile unavailable: {compiler_works('cpu')}")
+    x, weight, bias = operands(torch.float32)
+    with torch.no_grad():
+        compiled = torch.compile(lambda x: linear(x, weight, bias), fullgraph=True)
+        with OpNames() as ops:
+            eager = linear(x, weight, bias)
+        assert "onednn_linear" in ops.names
+        assert torch.equal(compiled(x), eager)  # the same kernel on the same shapes, inside the graph

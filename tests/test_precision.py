@@ -131,7 +131,7 @@ def test_bf16_rollout_keeps_norms_in_float32_and_runs_linears_in_bf16():
             name = func.overloadpacket.__name__
             if name in ("native_layer_norm", "rsqrt", "_scaled_dot_product_flash_attention_for_cpu"):
                 self.seen.setdefault(name, set()).add(args[0].dtype)
-            if name in ("addmm", "_linear_pointwise"):  # the BLAS and the oneDNN linear (linear.py)
+            if name in ("addmm", "onednn_linear"):  # the BLAS and the oneDNN linear (linear.py)
                 self.seen.setdefault("linear", set()).update((args[1].dtype, args[2].dtype) if name == "addmm"
                                                              else (args[0].dtype, args[1].dtype))
             return func(*args, **(kwargs or {}))
