@@ -105,8 +105,9 @@ class SelfForcingRuntimeOptions(io.ComfyNode):
             description="Optional speed and memory settings for Load Self-Forcing Model.",
             inputs=[
                 io.Boolean.Input("torch_compile", default=False,
-                                 tooltip="torch.compile the transformer blocks: faster on GPUs after a slow first "
-                                         "block; falls back to normal execution with a warning if unavailable."),
+                                 tooltip="torch.compile the transformer blocks: faster after a slow first block (on "
+                                         "GPUs; about 1.3x on the CPU, README); falls back to normal execution "
+                                         "with a warning if unavailable."),
                 io.Int.Input("offload_blocks", default=0, min=0, max=64,
                              tooltip="Transformer blocks (of 30) kept in CPU memory and copied to the GPU for "
                                      "each call: less VRAM, slower."),
