@@ -55,17 +55,20 @@ def cpu_kernel(name: str):
         cpu_kernel_name = previous
 
 
+def onednn_chosen() -> bool:
+    """Whether CPU linears go to oneDNN where they can: chosen (``cpu_kernel_name``) and available."""
+    return cpu_kernel_name == "onednn" and ONEDNN_AVAILABLE
+
+
 def describe_cpu_kernel() -> str:
     """The CPU linear kernel in use, for ``info``."""
-    if cpu_kernel_name == "onednn" and ONEDNN_AVAILABLE:
-        return "CPU linears: oneDNN (inference), BLAS (training)"
-    return "CPU linears: BLAS"
+    return "CPU linears: oneDNN (inference), BLAS (training)" if onednn_chosen() else "CPU linears: BLAS"
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``linear`` sends these tensors to oneDNN (see the module docstring)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (cpu_kernel_name == "onednn" and ONEDNN_AVAILABLE and x.device.type == "cpu"
+    return (onednn_chosen() and x.device.type == "cpu"
             and x.dtype in ONEDNN_DTYPES and all(t.dtype == x.dtype for t in tensors)
             and all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
@@ -79,6 +82,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @onednn_linear.register_fake
 def onednn_linear_shape(x, weight, bias):
+    """The output of ``onednn_linear`` for fake tensors (tracing, compilation): [..., out]."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
