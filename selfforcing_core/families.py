@@ -45,7 +45,8 @@ class Family:
         """
         family, changed = self, []
         if frames_per_block is not None and frames_per_block != self.frames_per_block:
-            family, changed = replace(family, frames_per_block=frames_per_block), [f"frames per block {frames_per_block}"]
+            family = replace(family, frames_per_block=frames_per_block)
+            changed.append(f"frames per block {frames_per_block}")
         if steps is not None and tuple(steps) != self.steps:
             family = replace(family, steps=tuple(steps), first_block_steps=self.first_block_steps or self.steps)
             changed.append(f"later blocks {len(steps)} steps")
@@ -53,7 +54,8 @@ class Family:
             family = replace(family, kv_window_frames=kv_window_frames)
             changed.append(f"window {kv_window_frames}")
         if sink_frames is not None and sink_frames != self.sink_frames:
-            family, changed = replace(family, sink_frames=sink_frames), changed + [f"sink {sink_frames}"]
+            family = replace(family, sink_frames=sink_frames)
+            changed.append(f"sink {sink_frames}")
         rules = {name: value for name, value in rules.items() if value is not None
                  and value != getattr(self.cache_rules, name)}
         if rules:
