@@ -53,7 +53,7 @@ class LoadSelfForcingModel(io.ComfyNode):
                                tooltip="merge: LoRAs are added into the weights (fastest per block; a strength "
                                        "change re-loads the model). unmerged: one LoRA (e.g. LongLive's "
                                        "lora.pt) is kept beside the weights; the sampler's lora_strength then "
-                                       "changes it without a re-load, at about 1.25x the time per block for a "
+                                       "changes it without a re-load, at 1.25-1.4x the time per block for a "
                                        "rank-256 LoRA (README)."),
                 io.Combo.Input("family", options=list(FAMILY_CHOICES), default=AUTO_FAMILY, optional=True,
                                tooltip="The checkpoint family this model runs as: the samplers' steps preset "
